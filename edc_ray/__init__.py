@@ -1,0 +1,1 @@
+"""edc-ray: Ray-native dataset condensation (EDC and its design space)."""

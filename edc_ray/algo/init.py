@@ -1,0 +1,102 @@
+"""Candidate scoring and the initialisation of synthetic images (METHOD.md 1.3, from RDED)."""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edc_ray.algo.augment import apply_crops, random_crop_thetas
+
+
+@torch.no_grad()
+def ensemble_logits(models: Sequence[nn.Module], x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Mean of the models' logits on `x` (the online soft label and the scoring ensemble)."""
+    outs = []
+    for start in range(0, len(x), batch_size):
+        chunk = x[start:start + batch_size]
+        outs.append(torch.stack([m(chunk) for m in models]).mean(0))
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def candidate_losses(models: Sequence[nn.Module], x: torch.Tensor, labels: torch.Tensor,
+                     batch_size: int = 256) -> torch.Tensor:
+    """Per-image cross-entropy of the ensemble's mean logits against the true class."""
+    return F.cross_entropy(ensemble_logits(models, x, batch_size), labels, reduction="none")
+
+
+def sample_priority(key: str, seed: int) -> float:
+    """A deterministic pseudo-random number in [0, 1) for a sample key.
+
+    Keeping, per class, the k samples of smallest priority is a uniform random sample without
+    replacement that merges across shards (bottom-k sampling), so the statistics pass can pick the
+    `candidates_per_class` sample shard by shard.
+    """
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def lowest_per_class(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the `k` lowest scores of every class present (distinct; ties by index), by class."""
+    picked = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        order = torch.sort(scores[idx], stable=True).indices
+        picked.append(idx[order[:k]])
+    return torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long)
+
+
+def stitch_mosaic(tiles: torch.Tensor, factor: int) -> torch.Tensor:
+    """Stitch groups of factor**2 tiles (n*f*f, C, h, w), row-major, into (n, C, f*h, f*w)."""
+    nf, c, h, w = tiles.shape
+    n = nf // (factor * factor)
+    grid = tiles.reshape(n, factor, factor, c, h, w)
+    return grid.permute(0, 3, 1, 4, 2, 5).reshape(n, c, factor * h, factor * w)
+
+
+def shuffle_patches(images: torch.Tensor, factor: int, generator: torch.Generator | None = None
+                    ) -> torch.Tensor:
+    """Permute the f x f cells of every mosaic; each image gets a permutation other than the identity.
+
+    (The official helper returns its input unchanged by a bug; here the cells really move.)
+    """
+    n, c, height, width = images.shape
+    h, w = height // factor, width // factor
+    cells = images.reshape(n, c, factor, h, factor, w).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, c, h, w)
+    count = factor * factor
+    out = torch.empty_like(cells)
+    for i in range(n):
+        perm = torch.arange(count)
+        while count > 1 and torch.equal(perm, torch.arange(count)):
+            perm = torch.randperm(count, generator=generator)
+        out[i] = cells[i, perm]
+    return stitch_mosaic(out.reshape(-1, c, h, w), factor)
+
+
+def mosaic_init(models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor, ipc: int,
+                factor: int = 2, crops_per_image: int = 4, scale: tuple[float, float] = (0.5, 1.0),
+                shuffle: bool = False, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RDED-style init for large images: score RandomResizedCrops of the candidates, keep the
+    ipc * f**2 lowest-loss crops per class, shrink each to res / f and stitch f x f mosaics.
+    """
+    crops = images.repeat_interleave(crops_per_image, 0)
+    crops = apply_crops(crops, random_crop_thetas(crops, scale, flip=False, generator=generator))
+    crop_labels = labels.repeat_interleave(crops_per_image)
+    keep = lowest_per_class(candidate_losses(models, crops, crop_labels), crop_labels, ipc * factor**2)
+    height, width = images.shape[-2:]
+    tiles = F.interpolate(crops[keep], size=(height // factor, width // factor), mode="bilinear",
+                          antialias=True, align_corners=False)
+    mosaics = stitch_mosaic(tiles, factor)
+    if shuffle:
+        mosaics = shuffle_patches(mosaics, factor, generator)
+    return mosaics, crop_labels[keep][:: factor * factor]
+
+
+def noise_init(labels: torch.Tensor, shape: tuple[int, int, int],
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian-noise initialisation in normalised space (SRe2L, G-VBSM)."""
+    return torch.randn((len(labels), *shape), generator=generator)

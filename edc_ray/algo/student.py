@@ -1,0 +1,204 @@
+"""Student post-training on a distilled set, and top-1 evaluation (METHOD.md 1.5, 1.6).
+
+Everything here is per-process and Ray-free: the Ray Train layer calls `StudentTrainer.step` on each
+worker's slice of a batch, and `evaluate_counts` on each worker's slice of the validation set.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from edc_ray.algo.augment import cutmix, random_resized_crop_flip
+from edc_ray.algo.init import ensemble_logits
+from edc_ray.algo.losses import kl_distill_loss, mse_ce_loss
+from edc_ray.config import EvaluationConfig
+
+
+def lr_factor(epoch: float, total_epochs: int, cfg: EvaluationConfig) -> float:
+    """Learning-rate multiplier at (fractional) `epoch`.
+
+    smooth:    1/2 (1 + cos(pi e / (zeta E)))  -- zeta = 2 ends at 1/2, zeta = 1 is plain cosine
+    multistep: gamma ** (number of milestones <= e)
+    ssrs:      smooth until 5E/6, then a linear drop from there to 0 at E
+    """
+    def smooth(e: float) -> float:
+        return 0.5 * (1 + math.cos(math.pi * e / (cfg.zeta * total_epochs)))
+
+    if cfg.schedule == "smooth":
+        return smooth(epoch)
+    if cfg.schedule == "multistep":
+        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    knee = 5 * total_epochs / 6
+    if epoch <= knee:
+        return smooth(epoch)
+    return smooth(knee) * max(0.0, (total_epochs - epoch) / (total_epochs - knee))
+
+
+class ModelEMA:
+    """theta_ema <- d_t * theta_ema + (1 - d_t) * theta after every optimiser step (METHOD.md 1.6).
+
+    d_t = min(d, (1 + t) / (10 + t)) warms the decay up over the first steps (as timm's EMA does), so
+    that runs of a few hundred steps are not dominated by the random initial weights. Floating-point
+    buffers (BatchNorm running statistics) are averaged the same way, so they stay consistent with the
+    averaged weights; integer buffers are copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Blend the live weights into the EMA copy."""
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        live = model.state_dict()
+        for key, ema_value in self.module.state_dict().items():
+            if ema_value.is_floating_point():
+                ema_value.mul_(d).add_(live[key].detach(), alpha=1 - d)
+            else:
+                ema_value.copy_(live[key])
+
+
+def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float, normalised per channel."""
+    m = torch.tensor(mean, device=images_uint8.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images_uint8.device).view(1, -1, 1, 1)
+    return (images_uint8.float() / 255.0 - m) / s
+
+
+def denormalize_to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised float images -> uint8 (rounded, clamped)."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return ((x * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class StudentAugment:
+    """RandAugment (per image, uint8) + per-image RandomResizedCrop + flip, then normalisation."""
+
+    def __init__(self, cfg: EvaluationConfig, mean: Sequence[float], std: Sequence[float]):
+        self.cfg, self.mean, self.std = cfg, mean, std
+        self.randaugment = v2.RandAugment() if cfg.randaugment else None
+
+    def __call__(self, images_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.randaugment is not None:
+            # torchvision draws from the global RNG; the trainer seeds it (fork_rng) for determinism.
+            images_uint8 = torch.stack([self.randaugment(img) for img in images_uint8.cpu()])
+        x = normalize(images_uint8, self.mean, self.std)
+        return random_resized_crop_flip(x, (self.cfg.min_scale, 1.0), True, generator)
+
+
+@dataclass
+class StudentTrainer:
+    """One student trained with online ensemble soft labels (METHOD.md 1.6).
+
+    `step` takes a batch of uint8 images and hard labels: augment, CutMix, label with the mean logits of
+    the teachers, then MSE + ce_weight * CE (or KL at temperature T), AdamW, scheduler, EMA update.
+    """
+
+    model: nn.Module
+    teachers: Sequence[nn.Module]
+    cfg: EvaluationConfig
+    mean: Sequence[float]
+    std: Sequence[float]
+    steps_per_epoch: int
+    device: torch.device | str = "cpu"
+
+    def __post_init__(self):
+        self.model.to(self.device)
+        for t in self.teachers:
+            t.to(self.device).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
+                                           weight_decay=self.cfg.weight_decay)
+        total = self.cfg.epochs
+        spe = max(1, self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step / spe, total, self.cfg))
+        self.ema = ModelEMA(_unwrap(self.model), self.cfg.ema_decay)
+        self.augment = StudentAugment(self.cfg, self.mean, self.std)
+
+    def step(self, images_uint8: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> float:
+        """One optimiser step on one batch; returns the loss."""
+        self.model.train()
+        x = self.augment(images_uint8, generator).to(self.device)
+        labels = labels.to(self.device)
+        perm, lam = None, 1.0
+        if self.cfg.cutmix > 0 and float(torch.rand((), generator=generator)) < self.cfg.cutmix:
+            x, perm, lam = cutmix(x, generator)
+        teacher = ensemble_logits(self.teachers, x)
+        student = self.model(x)
+        if self.cfg.loss == "mse_ce":
+            loss = mse_ce_loss(student, teacher, labels, self.cfg.ce_weight, perm, lam)
+        else:
+            loss = kl_distill_loss(student, teacher, self.cfg.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(_unwrap(self.model))
+        return loss.item()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A shuffled split of range(n) into batches (the last may be smaller)."""
+    order = torch.randperm(n, generator=generator)
+    return list(order.split(batch_size))
+
+
+@torch.no_grad()
+def evaluate_counts(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor,
+                    mean: Sequence[float], std: Sequence[float], batch_size: int = 500,
+                    device: torch.device | str = "cpu") -> tuple[int, int]:
+    """(correct, total) top-1 counts, so that shards of a validation set reduce by addition."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(images_uint8), batch_size):
+        x = normalize(images_uint8[start:start + batch_size].to(device), mean, std)
+        pred = model(x).argmax(1).cpu()
+        correct += int((pred == labels[start:start + batch_size]).sum())
+    return correct, len(images_uint8)
+
+
+def train_student(model: nn.Module, teachers: Sequence[nn.Module], images_uint8: torch.Tensor,
+                  labels: torch.Tensor, cfg: EvaluationConfig, mean: Sequence[float],
+                  std: Sequence[float], val: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  seed: int = 0, device: torch.device | str = "cpu",
+                  on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """Train `model` on a distilled set (single process) and return final/best top-1 of the EMA model.
+
+    Validates every `cfg.eval_every` epochs (0: only at the end) and always after the last epoch.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    steps = math.ceil(len(images_uint8) / cfg.batch_size)
+    trainer = StudentTrainer(model, teachers, cfg, mean, std, steps, device)
+    history: list[dict] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for epoch in range(cfg.epochs):
+            losses = [trainer.step(images_uint8[idx], labels[idx], generator)
+                      for idx in epoch_batches(len(images_uint8), cfg.batch_size, generator)]
+            row = {"epoch": epoch + 1, "loss": sum(losses) / len(losses)}
+            last = epoch + 1 == cfg.epochs
+            if val is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                correct, total = evaluate_counts(trainer.ema.module, *val, mean, std,
+                                                 cfg.val_batch_size, device)
+                row["top1"] = 100.0 * correct / total
+            history.append(row)
+            if on_epoch is not None:
+                on_epoch(epoch, row)
+    accs = [r["top1"] for r in history if "top1" in r]
+    return {"final_top1": accs[-1] if accs else None, "best_top1": max(accs) if accs else None,
+            "history": history, "ema_model": trainer.ema.module}

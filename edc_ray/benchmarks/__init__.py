@@ -1,0 +1,1 @@
+"""Measurement commands whose figures go into docs/benchmarks.md."""

@@ -1,0 +1,344 @@
+"""One typed config for the whole pipeline: dataclasses loaded from YAML, CLI overrides on top.
+
+    cfg = load_config("configs/demo.yaml", overrides=["synthesis.iterations=200"])
+
+Unknown keys, wrong types and out-of-range values raise `ConfigError` before any work starts; the
+message names the dotted path, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message says what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared WebDataset shards live, and how to prepare them on first use."""
+
+    root: str = "data/digits"  # local path or s3://bucket/prefix holding _info.json
+    source: str | None = "digits"  # prepare from this source on first use (None: must exist)
+    src: str | None = None  # source files for `source` (idx folder, CIFAR folder, ImageFolder)
+    train_split: str = "train"
+    val_split: str = "test"
+    image_size: int | None = None  # when set, must equal the dataset's image size
+    shard_size: int = 5000  # samples per shard when preparing on first use
+
+
+@dataclass
+class ObserverSpec:
+    """One observer: an architecture and where its weights come from."""
+
+    arch: str = "convnet_w128"
+    weights: str | None = None  # local path or s3:// URL; None: train it (or `pretrained`)
+    pretrained: bool = False  # timm/torchvision pretrained weights (needs the network)
+
+
+@dataclass
+class ObserversConfig:
+    """Observers (teachers): trained briefly from scratch on small images, or loaded."""
+
+    models: list[ObserverSpec] = field(default_factory=lambda: [ObserverSpec()])
+    epochs: int = 10
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    crop_padding: int = 4  # random-crop(pad) + flip while training observers
+    flip: bool = True
+
+
+@dataclass
+class StatisticsConfig:
+    """Which layer inputs are matched and how patch statistics are taken (METHOD.md 1.2)."""
+
+    bn: bool = True
+    conv: bool = True
+    patch: bool = True
+    patch_size: int = 4  # P: 4 for <= 64 px images, 16 for 224 px
+    batch_size: int = 256
+
+
+@dataclass
+class InitConfig:
+    """How synthetic images start (METHOD.md 1.3)."""
+
+    mode: Literal["real", "mosaic", "noise"] = "real"
+    candidates_per_class: int = 300
+    factor: int = 2  # f: mosaics are f x f crops
+    crops_per_image: int = 4
+    shuffle_patches: bool = False
+
+
+@dataclass
+class SynthesisConfig:
+    """The per-unit pixel optimisation (METHOD.md 1.4)."""
+
+    ipc: int = 10
+    classes_per_unit: int = 10  # a unit holds ipc * classes_per_unit images (aim ~100)
+    iterations: int = 200
+    lr: float = 0.05
+    betas: tuple[float, float] = (0.5, 0.9)
+    min_scale: float = 0.5  # RandomResizedCrop scale lower bound
+    flip: bool = True
+    ce_weight: float = 1.0
+    r: float = 0.01  # matching weight
+    alpha: float = 0.5  # 1 = global matching only (SRe2L / G-VBSM)
+    stat_momentum: float = 0.8
+    first_layer_weight: float = 10.0
+    flatness_weight: float = 0.25
+    flatness_beta: float = 0.99
+    flatness_tau: float = 4.0
+
+
+@dataclass
+class EvaluationConfig:
+    """Student post-training on the distilled set (METHOD.md 1.6)."""
+
+    students: list[str] = field(default_factory=lambda: ["convnet"])
+    epochs: int = 300
+    batch_size: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    loss: Literal["mse_ce", "kl"] = "mse_ce"
+    ce_weight: float = 0.025
+    temperature: float = 20.0
+    schedule: Literal["smooth", "multistep", "ssrs"] = "smooth"
+    zeta: float = 2.0  # 1 = plain cosine
+    milestones: list[int] = field(default_factory=lambda: [800, 900, 950])
+    gamma: float = 0.5
+    ema_decay: float = 0.99
+    min_scale: float = 0.5
+    randaugment: bool = True
+    cutmix: float = 1.0  # probability of CutMix per batch
+    random_baseline: bool = True  # also evaluate IPC random real images per class
+    val_batch_size: int = 500
+    eval_every: int = 50  # validate (and checkpoint) every N epochs, and after the last
+    seed: int = 0
+
+
+@dataclass
+class RayConfig:
+    """Where and how the stages are distributed."""
+
+    address: str = "local"  # "local" starts a private instance; "auto" joins a cluster
+    num_cpus: int | None = None  # for a local instance
+    synthesis_actors: int = 2
+    actor_cpus: float = 1.0
+    actor_gpus: float = 0.0
+    train_workers: int = 1
+    train_use_gpu: bool = False
+    train_worker_cpus: float = 1.0
+    stats_tasks: int = 2
+    dashboard: bool = False  # start the dashboard with a local instance
+
+
+@dataclass
+class OutputConfig:
+    """The run folder (local path or s3://bucket/prefix)."""
+
+    run_dir: str = "runs/demo"
+
+
+@dataclass
+class Config:
+    """The whole pipeline's configuration."""
+
+    method: Literal["edc"] = "edc"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    observers: ObserversConfig = field(default_factory=ObserversConfig)
+    statistics: StatisticsConfig = field(default_factory=StatisticsConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with type checks that name the dotted path.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp` and convert it (dicts become dataclasses)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {allowed}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} values, got {value!r}")
+            return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp in (bool, str):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys by name and dotted path."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key {key!r} at {dotted!r}; allowed keys: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain YAML-safe data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to the nested mapping `data`."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults), apply `key=value` overrides, validate, and return it."""
+    data: dict = {}
+    if path is not None:
+        import fsspec
+
+        try:
+            with fsspec.open(path, "r") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text (written into the run folder)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks that need more than a type.
+
+
+def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {value!r} is not allowed; {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and cross-field checks; raises `ConfigError` naming the value and what is allowed."""
+    from edc_ray.models import is_model
+
+    s, e, o, i, st, r = cfg.synthesis, cfg.evaluation, cfg.observers, cfg.init, cfg.statistics, cfg.ray
+    _check(s.ipc >= 1, "synthesis.ipc", s.ipc, "ipc must be >= 1")
+    _check(s.classes_per_unit >= 1, "synthesis.classes_per_unit", s.classes_per_unit, "must be >= 1")
+    _check(s.iterations >= 0, "synthesis.iterations", s.iterations, "must be >= 0")
+    _check(0.0 <= s.alpha <= 1.0, "synthesis.alpha", s.alpha, "alpha must be in [0, 1]")
+    _check(0.0 <= s.stat_momentum < 1.0, "synthesis.stat_momentum", s.stat_momentum, "must be in [0, 1)")
+    _check(0.0 <= s.flatness_beta < 1.0, "synthesis.flatness_beta", s.flatness_beta, "must be in [0, 1)")
+    _check(0.0 < s.min_scale <= 1.0, "synthesis.min_scale", s.min_scale, "must be in (0, 1]")
+    _check(s.lr > 0, "synthesis.lr", s.lr, "must be > 0")
+    _check(s.flatness_tau > 0, "synthesis.flatness_tau", s.flatness_tau, "must be > 0")
+    for name in ("r", "ce_weight", "flatness_weight", "first_layer_weight"):
+        value = getattr(s, name)
+        _check(value >= 0, f"synthesis.{name}", value, "must be >= 0")
+    _check(all(0 <= b < 1 for b in s.betas), "synthesis.betas", s.betas, "each beta must be in [0, 1)")
+    _check(len(o.models) >= 1, "observers.models", o.models, "give at least one observer")
+    for k, spec in enumerate(o.models):
+        _check(is_model(spec.arch), f"observers.models[{k}].arch", spec.arch, _known_archs())
+    for k, student in enumerate(e.students):
+        _check(is_model(student), f"evaluation.students[{k}]", student, _known_archs())
+    _check(o.epochs >= 0, "observers.epochs", o.epochs, "must be >= 0")
+    _check(o.batch_size >= 1, "observers.batch_size", o.batch_size, "must be >= 1")
+    _check(st.patch_size >= 1, "statistics.patch_size", st.patch_size, "must be >= 1")
+    _check(i.candidates_per_class >= 1, "init.candidates_per_class", i.candidates_per_class, "must be >= 1")
+    _check(i.factor >= 1, "init.factor", i.factor, "must be >= 1")
+    _check(i.crops_per_image >= 1, "init.crops_per_image", i.crops_per_image, "must be >= 1")
+    _check(e.epochs >= 1, "evaluation.epochs", e.epochs, "must be >= 1")
+    _check(e.batch_size >= 1, "evaluation.batch_size", e.batch_size, "must be >= 1")
+    _check(e.zeta >= 1.0, "evaluation.zeta", e.zeta, "zeta must be >= 1 (1 = plain cosine)")
+    _check(0.0 <= e.ema_decay < 1.0, "evaluation.ema_decay", e.ema_decay, "must be in [0, 1)")
+    _check(0.0 < e.min_scale <= 1.0, "evaluation.min_scale", e.min_scale, "must be in (0, 1]")
+    _check(0.0 <= e.cutmix <= 1.0, "evaluation.cutmix", e.cutmix, "must be in [0, 1]")
+    _check(e.temperature > 0, "evaluation.temperature", e.temperature, "must be > 0")
+    _check(r.synthesis_actors >= 1, "ray.synthesis_actors", r.synthesis_actors, "must be >= 1")
+    _check(r.train_workers >= 1, "ray.train_workers", r.train_workers, "must be >= 1")
+    _check(r.actor_cpus >= 0 and r.actor_gpus >= 0, "ray.actor_cpus/actor_gpus",
+           (r.actor_cpus, r.actor_gpus), "must be >= 0")
+
+
+def _known_archs() -> str:
+    from edc_ray.models import list_models
+
+    return f"known architectures: {', '.join(list_models())}, or a 'timm:<name>' / 'torchvision:<name>'"

@@ -1,0 +1,57 @@
+"""Helpers for code running inside Ray Train workers: rank, batch shares, count reduction, launch."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(world rank, world size) of this Ray Train worker."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def rank_share(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of a global batch (every rank gets a slice; DDP averages the gradients)."""
+    return indices[rank::world]
+
+
+def equal_steps(num_samples: int, batch_size: int, world: int) -> int:
+    """Steps per epoch that every rank can take (DDP hangs if ranks take different numbers of steps)."""
+    return max(1, num_samples // max(batch_size, world))
+
+
+def all_reduce_counts(correct: int, total: int) -> tuple[int, int]:
+    """Sum (correct, total) over all ranks (a no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        counts = torch.tensor([correct, total], dtype=torch.long)
+        dist.all_reduce(counts)
+        return int(counts[0]), int(counts[1])
+    return correct, total
+
+
+def storage_path(url: str) -> str:
+    """Ray Train's `storage_path`: absolute for local folders, unchanged for URLs."""
+    return url if "://" in url else os.path.abspath(url)
+
+
+def fit_torch_trainer(loop: Callable[[dict], None], config: dict, name: str, storage: str,
+                      workers: int, use_gpu: bool, cpus_per_worker: float, max_failures: int = 0):
+    """Run `loop` on `workers` Ray Train workers (DDP) and return the `Result`."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage_path(storage),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    return trainer.fit()

@@ -1,0 +1,132 @@
+"""Stage "evaluation": Ray Train trains students on a distilled (or baseline) set and validates them.
+
+The per-worker function is the core's `StudentTrainer` on this rank's share of every global batch
+(DDP), with the observer ensemble as online soft-label teacher (read from the object store), a report
+every epoch, a checkpoint at every validation, and validation on this rank's share of the real test
+split, summed across ranks.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import torch
+
+from edc_ray.algo.student import StudentTrainer, epoch_batches
+from edc_ray.config import Config, EvaluationConfig, from_dict, to_dict
+from edc_ray.pipeline.common import DatasetMeta, build_model, model_from_payload, set_threads
+from edc_ray.pipeline.distributed import fit_torch_trainer, rank_and_world, rank_share
+from edc_ray.pipeline.observers import validation_accuracy
+from edc_ray.storage.run_folder import RunFolder, load_torch_bytes
+from edc_ray.storage.shards import encode_png, iter_samples, load_split, write_shard
+
+
+def load_images(urls: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images and labels of a few shards (a distilled set is small)."""
+    samples = list(iter_samples(urls))
+    return torch.stack([s[1] for s in samples]), torch.tensor([s[2] for s in samples])
+
+
+def _checkpoint_state(trainer: StudentTrainer, epoch: int, best: float, generators: list) -> dict:
+    model = getattr(trainer.model, "module", trainer.model)
+    return {"epoch": epoch, "best": best, "model": model.state_dict(), "ema": trainer.ema.module.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+            "generators": [g.get_state() for g in generators], "rng": torch.get_rng_state()}
+
+
+def _restore(trainer: StudentTrainer, state: dict, generators: list) -> tuple[int, float]:
+    getattr(trainer.model, "module", trainer.model).load_state_dict(state["model"])
+    trainer.ema.module.load_state_dict(state["ema"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    for g, s in zip(generators, state["generators"]):
+        g.set_state(s)
+    torch.set_rng_state(state["rng"])
+    return state["epoch"], state["best"]
+
+
+def train_student_loop(config: dict) -> None:
+    """Ray Train worker function: post-train one student on a distilled set (EDC recipe, METHOD.md 1.6)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    rank, world = rank_and_world()
+    set_threads(config["cpus"])
+    device = ray.train.torch.get_device()
+    ecfg = from_dict(EvaluationConfig, config["evaluation"])
+    meta = DatasetMeta(**config["meta"])
+    images, labels = load_images(config["train_urls"])
+    val_images, val_labels, _ = load_split(config["data_root"], config["val_split"])
+    val_images, val_labels = rank_share(val_images, rank, world), rank_share(val_labels, rank, world)
+    teachers = [model_from_payload(ray.get(ref), meta, device) for ref in config["observer_refs"]]
+    seed = config["seed"]
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    model = ray.train.torch.prepare_model(build_model(config["student"], meta))
+    steps = math.ceil(len(images) / ecfg.batch_size)
+    trainer = StudentTrainer(model, teachers, ecfg, meta.mean, meta.std, steps, device)
+    order = torch.Generator().manual_seed(seed)  # the global batch order, shared by all ranks
+    augment = torch.Generator().manual_seed(seed * 1000 + 1 + rank)
+    torch.manual_seed(seed * 1000 + 1 + rank)  # RandAugment draws from the global RNG
+    start, best = 0, float("-inf")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            with open(os.path.join(folder, f"rank{rank}.pt"), "rb") as f:
+                start, best = _restore(trainer, load_torch_bytes(f.read(), "checkpoint"), [order, augment])
+    for epoch in range(start, ecfg.epochs):
+        losses = [trainer.step(images[rank_share(idx, rank, world)], labels[rank_share(idx, rank, world)],
+                               augment)
+                  for idx in epoch_batches(len(images), ecfg.batch_size, order)
+                  if len(idx) >= world]  # a last batch smaller than the world would leave a rank empty
+        metrics = {"epoch": epoch + 1, "loss": sum(losses) / len(losses)}
+        last = epoch + 1 == ecfg.epochs
+        if not (last or (ecfg.eval_every and (epoch + 1) % ecfg.eval_every == 0)):
+            ray.train.report(metrics)
+            continue
+        top1 = validation_accuracy(trainer.ema.module, val_images, val_labels, meta, ecfg.val_batch_size,
+                                   device)
+        best = max(best, top1)
+        metrics.update(top1=top1, best_top1=best)
+        if rank == 0:
+            print(f"[eval {config['label']}] epoch {epoch + 1}/{ecfg.epochs} loss {metrics['loss']:.4f} "
+                  f"top-1 {top1:.2f}% (best {best:.2f}%)", flush=True)
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(_checkpoint_state(trainer, epoch + 1, best, [order, augment]),
+                       os.path.join(folder, f"rank{rank}.pt"))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def random_subset_shard(run: RunFolder, pool_images: torch.Tensor, pool_labels: torch.Tensor,
+                        priorities: torch.Tensor, ipc: int) -> str:
+    """Write IPC random real images per class (the lowest sampling priorities: a uniform sample)."""
+    picks = []
+    for c in torch.unique(pool_labels).tolist():
+        idx = torch.nonzero(pool_labels == c).flatten()
+        picks.append(idx[torch.sort(priorities[idx], stable=True).indices[:ipc]])
+    chosen = torch.cat(picks)
+    samples = [{"__key__": f"random-{i:05d}", "png": encode_png(pool_images[j].permute(1, 2, 0).numpy()),
+                "cls": int(pool_labels[j])} for i, j in enumerate(chosen.tolist())]
+    url = run.path("baseline", f"random-ipc{ipc}.tar")
+    write_shard(url, samples)
+    return url
+
+
+def evaluate_set(cfg: Config, run: RunFolder, meta: DatasetMeta, observer_refs: list, label: str,
+                 urls: list[str], student: str) -> dict:
+    """Train and validate `student` on the shards at `urls` with Ray Train; cached in the run folder."""
+    name = f"{label}-{student.replace(':', '_')}"
+    if run.exists("eval", f"{name}.json"):
+        return run.read_json("eval", f"{name}.json")
+    config = {"evaluation": to_dict(cfg.evaluation), "meta": meta.__dict__, "train_urls": urls,
+              "data_root": cfg.data.root, "val_split": cfg.data.val_split, "observer_refs": observer_refs,
+              "student": student, "seed": cfg.evaluation.seed, "cpus": cfg.ray.train_worker_cpus,
+              "label": name}
+    result = fit_torch_trainer(train_student_loop, config, name, run.path("eval"), cfg.ray.train_workers,
+                               cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus, max_failures=2)
+    summary = {"set": label, "student": student, "final_top1": result.metrics["top1"],
+               "best_top1": result.metrics["best_top1"], "epochs": cfg.evaluation.epochs,
+               "images": len(list(iter_samples(urls)))}
+    run.write_json(summary, "eval", f"{name}.json")
+    return summary

@@ -1,0 +1,133 @@
+"""The stage pipeline: prepare -> observers -> statistics + candidates -> synthesis -> evaluation -> report.
+
+Every stage writes into the run folder and skips what is already complete there, so running the
+same config again resumes. Ray calls stay in the stage modules; this file only sequences them.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+import ray
+
+from edc_ray.config import Config, ConfigError, dump_config
+from edc_ray.pipeline.common import DatasetMeta, observer_payload
+from edc_ray.pipeline.evaluation import evaluate_set, load_images, random_subset_shard
+from edc_ray.pipeline.observers import observer_names, observers_stage
+from edc_ray.pipeline.report import config_hash, write_report
+from edc_ray.pipeline.statistics import pool_to_dict, statistics_stage
+from edc_ray.pipeline.synthesis import synthesis_stage
+from edc_ray.storage import fsio
+from edc_ray.storage.prepare import ensure_prepared
+from edc_ray.storage.run_folder import RunFolder
+from edc_ray.storage.shards import DatasetInfo, read_info
+
+
+def prepare_data(cfg: Config) -> DatasetInfo:
+    """The dataset's info, preparing it on first use; checks the configured image size against it."""
+    if fsio.exists(fsio.join(cfg.data.root, "_info.json")) or cfg.data.source is None:
+        info = read_info(cfg.data.root)
+    else:
+        info = ensure_prepared(cfg.data.source, cfg.data.src, cfg.data.root, shard_size=cfg.data.shard_size)
+    if cfg.data.image_size is not None and cfg.data.image_size != info.image_size:
+        raise ConfigError(f"data.image_size: {cfg.data.image_size} does not match the dataset at "
+                          f"{cfg.data.root!r}, whose images are {info.image_size}x{info.image_size}")
+    for key in ("train_split", "val_split"):
+        split = getattr(cfg.data, key)
+        if split not in info.splits:
+            raise ConfigError(f"data.{key}: {split!r} is not a split of {cfg.data.root!r}; "
+                              f"it has {sorted(info.splits)}")
+    return info
+
+
+def start_ray(cfg: Config) -> bool:
+    """Start a private local Ray instance or join a cluster; False when Ray was already running."""
+    if ray.is_initialized():
+        return False
+    if cfg.ray.address == "local":
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard)
+    else:
+        ray.init(address=cfg.ray.address)
+    return True
+
+
+class StageTimer:
+    """Prints one line per stage and records its wall time."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        print(f"[edc-ray] stage {name} ...", flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        print(f"[edc-ray] stage {name} done in {self.seconds[name]:.1f} s", flush=True)
+
+
+def absolute_paths(cfg: Config) -> None:
+    """Make every local path of `cfg` absolute, in place (Ray workers do not share the driver's cwd)."""
+    cfg.data.root = fsio.absolute(cfg.data.root)
+    cfg.data.src = cfg.data.src and fsio.absolute(cfg.data.src)
+    cfg.output.run_dir = fsio.absolute(cfg.output.run_dir)
+    for spec in cfg.observers.models:
+        spec.weights = spec.weights and fsio.absolute(spec.weights)
+
+
+def run_pipeline(cfg: Config) -> dict:
+    """Run (or resume) the whole condensation for `cfg`; returns the report."""
+    absolute_paths(cfg)
+    stage = StageTimer()
+    with stage("prepare"):
+        info = prepare_data(cfg)
+    meta = DatasetMeta.from_info(info)
+    run = RunFolder(cfg.output.run_dir)
+    run.write_text(dump_config(cfg), "config.yaml")
+    started = start_ray(cfg)
+    try:
+        with stage("observers"):
+            observers = observers_stage(cfg, run, meta)
+        names = observer_names(cfg)
+        observer_refs = [ray.put(observer_payload(arch, model)) for arch, model in observers]  # once
+        with stage("statistics"):
+            sums, pool = statistics_stage(cfg, run, meta, observer_refs, names)
+        shared = observer_refs + [ray.put([s.state_dict() for s in sums]), ray.put(pool_to_dict(pool))]
+        with stage("synthesis"):
+            start = time.perf_counter()
+            synthesis = synthesis_stage(cfg, run, meta, shared)
+            synthesis_seconds = time.perf_counter() - start
+        distilled_urls = [run.unit_shard(u) for u in range(synthesis["units_total"])]
+        with stage("evaluation"):
+            evaluation = []
+            baseline = None
+            if cfg.evaluation.random_baseline:
+                baseline = random_subset_shard(run, pool.images, pool.labels, pool.priorities,
+                                               cfg.synthesis.ipc)
+            for student in cfg.evaluation.students:
+                evaluation.append(evaluate_set(cfg, run, meta, observer_refs, "distilled", distilled_urls,
+                                               student))
+                if baseline is not None:
+                    evaluation.append(evaluate_set(cfg, run, meta, observer_refs, "random", [baseline],
+                                                   student))
+        with stage("report"):
+            images, labels = load_images(distilled_urls)
+            report = {
+                "dataset": info.name, "method": cfg.method, "ipc": cfg.synthesis.ipc, "run_dir": run.root,
+                "config_hash": config_hash(cfg), "num_classes": meta.num_classes,
+                "observers": [{"name": n, **run.read_json("observers", f"{n}.json")} for n in names],
+                "evaluation": evaluation,
+                "synthesis": {"images": len(images), "seconds": synthesis_seconds,
+                              "images_per_s": len(images) / max(synthesis_seconds, 1e-9),
+                              "units_total": synthesis["units_total"],
+                              "units_run": [{k: r[k] for k in ("unit", "worker", "seconds", "images")}
+                                            for r in synthesis["units_run"]],
+                              "workers": [w["name"] for w in synthesis["workers"]]},
+            }
+            report["stage_seconds"] = dict(stage.seconds)  # the report stage itself is not in it
+            write_report(run, report, images, labels)
+        return report
+    finally:
+        if started:
+            ray.shutdown()

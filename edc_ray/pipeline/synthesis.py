@@ -1,0 +1,117 @@
+"""Stage "synthesis": a pool of SynthesisWorker actors, fed work units dynamically by the driver.
+
+Observers, statistic sums and the candidate pool reach every actor as object-store references (put
+once by the driver); each actor builds its observers once and writes each unit's shard itself,
+atomically. Units whose shard already exists and is complete are skipped, so a re-run resumes.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+
+import ray
+import torch
+from tqdm import tqdm
+
+from edc_ray.algo.condense import build_observers, make_units, synthesize_class_unit
+from edc_ray.algo.stats import ClassStatSums
+from edc_ray.config import Config, from_dict, to_dict
+from edc_ray.pipeline.common import DatasetMeta, model_from_payload, resolve_device, set_threads
+from edc_ray.pipeline.statistics import pool_from_dict
+from edc_ray.storage.run_folder import RunFolder
+from edc_ray.storage.shards import ShardReadError, encode_png, iter_samples, write_shard
+
+
+def unit_samples(unit: int, images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """WebDataset samples of a unit: lossless PNG, class, and where the image came from."""
+    samples = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        samples.append({"__key__": f"u{unit:05d}-{i:04d}", "png": encode_png(image.permute(1, 2, 0).numpy()),
+                        "cls": int(label), "json": {"unit": unit, "index": i}})
+    return samples
+
+
+def unit_complete(url: str, expected: int) -> bool:
+    """A unit's shard exists and holds all its images (a torn or foreign file does not count)."""
+    try:
+        return sum(1 for _ in iter_samples([url])) == expected
+    except (FileNotFoundError, ShardReadError):
+        return False
+
+
+@ray.remote
+class SynthesisWorker:
+    """Synthesises whole units against observers shared through the object store."""
+
+    def __init__(self, name: str, cfg: dict, meta: dict, shared: list, run_dir: str):
+        self.name = name
+        self.cfg = from_dict(Config, cfg)
+        self.meta = DatasetMeta(**meta)
+        self.run = RunFolder(run_dir)
+        set_threads(self.cfg.ray.actor_cpus)
+        self.device = resolve_device(self.cfg.device, ray.get_gpu_ids())
+        observer_refs, sums_ref, pool_ref = shared[:-2], shared[-2], shared[-1]
+        self.ref_ids = [ref.hex() for ref in shared]
+        models = [model_from_payload(ray.get(ref), self.meta, self.device) for ref in observer_refs]
+        sums = [ClassStatSums.from_state_dict(s) for s in ray.get(sums_ref)]
+        self.observers = build_observers(models, sums, self.cfg.statistics, self.device)
+        self.pool = pool_from_dict(ray.get(pool_ref))
+
+    def describe(self) -> dict:
+        """Who this actor is and which shared objects it reads (for tests and logs)."""
+        return {"name": self.name, "pid": os.getpid(), "device": str(self.device), "ref_ids": self.ref_ids}
+
+    def run_unit(self, unit: int, classes: list[int]) -> dict:
+        """Synthesise one unit and commit its shard; returns a summary."""
+        start = time.perf_counter()
+        images, labels, history = synthesize_class_unit(unit, classes, self.observers, self.pool, self.cfg,
+                                                        self.meta.mean, self.meta.std, self.device)
+        count = write_shard(self.run.unit_shard(unit), unit_samples(unit, images, labels))
+        return {"unit": unit, "classes": classes, "images": count, "worker": self.name,
+                "seconds": time.perf_counter() - start, "last": history[-1] if history else {}}
+
+
+def synthesis_stage(cfg: Config, run: RunFolder, meta: DatasetMeta, shared: list) -> dict:
+    """Run every unit not yet complete on the actor pool; write `distilled/_info.json`; summarise."""
+    units = make_units(meta.num_classes, cfg.synthesis.classes_per_unit)
+    ipc = cfg.synthesis.ipc
+    todo = deque(u for u, classes in enumerate(units)
+                 if not unit_complete(run.unit_shard(u), ipc * len(classes)))
+    results: list[dict] = []
+    workers: list[dict] = []
+    if todo:
+        count = min(cfg.ray.synthesis_actors, len(todo))
+        actors = [SynthesisWorker.options(name=f"SynthesisWorker-{i}", num_cpus=cfg.ray.actor_cpus,
+                                          num_gpus=cfg.ray.actor_gpus, max_restarts=2)
+                  .remote(f"SynthesisWorker-{i}", to_dict(cfg), meta.__dict__, shared, run.root)
+                  for i in range(count)]
+        workers = ray.get([a.describe.remote() for a in actors])
+        in_flight = {}
+
+        def submit(actor) -> None:
+            unit = todo.popleft()
+            in_flight[actor.run_unit.remote(unit, units[unit])] = (actor, unit)
+
+        for actor in actors:
+            if todo:
+                submit(actor)
+        with tqdm(total=len(todo) + len(in_flight), desc="synthesis units", unit="unit") as bar:
+            while in_flight:
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                actor, unit = in_flight.pop(done[0])
+                try:
+                    results.append(ray.get(done[0]))
+                    bar.update(1)
+                except ray.exceptions.RayActorError:
+                    todo.append(unit)  # the actor died mid-unit: another (or its restart) redoes it
+                if todo:
+                    submit(actor)
+        for actor in actors:
+            ray.kill(actor)
+    run.write_json({"ipc": ipc, "num_classes": meta.num_classes, "image_size": meta.image_size,
+                    "channels": meta.channels, "mean": list(meta.mean), "std": list(meta.std),
+                    "units": [{"unit": u, "classes": c, "shard": os.path.basename(run.unit_shard(u)),
+                               "count": ipc * len(c)} for u, c in enumerate(units)]},
+                   "distilled", "_info.json")
+    return {"units_run": results, "units_total": len(units), "workers": workers}

@@ -1,0 +1,272 @@
+"""WebDataset shards of labelled images: PNG coding, shard writing, ``_info.json`` and readers.
+
+A prepared dataset root holds ``<root>/<split>/shard-NNNNNN.tar`` with samples ``{__key__, png, cls}`` and
+``<root>/_info.json`` (a :class:`DatasetInfo`), written last as the commit marker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from edc_ray.storage import fsio
+
+INFO_NAME = "_info.json"
+PREPARE_COMMAND = "python jobs/prepare.py --source <source> --src <folder> --out {root}"
+
+Splitter = Callable[[Iterable[dict]], Iterable[dict]]
+
+
+class ShardReadError(RuntimeError):
+    """A shard that cannot be opened, read or decoded, or that holds fewer samples than listed."""
+
+    def __init__(self, url: str | None, detail: str) -> None:
+        super().__init__(url, detail)
+        self.url = url
+        self.detail = detail
+
+    def __str__(self) -> str:
+        # webdataset appends its own context (open streams) to ``args`` while the error travels up; the
+        # message and pickling (Ray ships errors between processes) use only the url and detail
+        return f"cannot read shard {self.url}: {self.detail}"
+
+    def __reduce__(self) -> tuple[type, tuple[str | None, str]]:
+        return type(self), (self.url, self.detail)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless PNG bytes of a uint8 image, ``HxW`` (grayscale) or ``HxWxC`` with C in 1 or 3."""
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
+        raise ValueError(f"expected a uint8 HxW or HxWx{{1,3}} image, got {image.dtype} {image.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(image.squeeze(2) if image.ndim == 3 and image.shape[2] == 1 else image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    """A uint8 ``CxHxW`` tensor from PNG bytes (C=1 for grayscale, 3 for RGB)."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode not in ("L", "RGB"):
+            raise ValueError(f"PNG mode {image.mode!r} is not supported: expected 'L' (grayscale) or 'RGB'")
+        array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def write_shard(url: str, samples: Iterable[dict[str, Any]]) -> int:
+    """Write ``samples`` (``{"__key__": str, "png": bytes, "cls": int, ...}``) as one WebDataset tar at ``url``.
+
+    The tar is built in memory and written atomically. Member mtimes are fixed (TarWriter would stamp the
+    current time), so the same samples always give byte-identical shards. Returns the number of samples.
+    """
+    buffer = io.BytesIO()
+    count = 0
+    with wds.TarWriter(buffer, mtime=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+            count += 1
+    fsio.atomic_write_bytes(url, buffer.getvalue())
+    return count
+
+
+@dataclass
+class SplitInfo:
+    """One split of a prepared dataset; ``shards`` are file names relative to ``<root>/<split>/``."""
+
+    count: int
+    counts_per_class: list[int]
+    shards: list[str]
+    shard_counts: list[int]
+
+
+@dataclass
+class DatasetInfo:
+    """What ``_info.json`` records about a prepared dataset (labels index ``classes``; stats on train in [0,1])."""
+
+    name: str
+    classes: list[str]
+    image_size: int
+    channels: int
+    mean: list[float]
+    std: list[float]
+    splits: dict[str, SplitInfo]
+    prepared_with: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DatasetInfo:
+        """The inverse of :meth:`to_dict`; raises ``TypeError``/``KeyError`` on missing or unknown fields."""
+        fields = dict(data)
+        fields["splits"] = {name: SplitInfo(**split) for name, split in data["splits"].items()}
+        return cls(**fields)
+
+
+def info_url(root: str) -> str:
+    """Where the ``_info.json`` of the dataset at ``root`` lives."""
+    return fsio.join(root, INFO_NAME)
+
+
+def write_info(root: str, info: DatasetInfo) -> None:
+    """Write ``<root>/_info.json`` atomically."""
+    fsio.atomic_write_json(info_url(root), info.to_dict())
+
+
+def read_info(root: str) -> DatasetInfo:
+    """Read ``<root>/_info.json``; a missing or invalid file raises an error naming it and saying how to prepare."""
+    url = info_url(root)
+    if not fsio.exists(url):
+        command = PREPARE_COMMAND.format(root=root)
+        raise FileNotFoundError(f"{url} not found: the dataset is not prepared yet; run `{command}` first")
+    try:
+        return DatasetInfo.from_dict(fsio.read_json(url))
+    except (ValueError, TypeError, KeyError, AttributeError) as exn:
+        command = PREPARE_COMMAND.format(root=root)
+        problem = f"{url} is not a valid dataset info file ({exn!r})"
+        raise ValueError(f"{problem}; re-create it: `{command} --overwrite`") from exn
+
+
+def _split_info(info: DatasetInfo, split: str) -> SplitInfo:
+    """``info.splits[split]``, or an error naming the split and the ones that exist."""
+    if split not in info.splits:
+        raise ValueError(f"dataset {info.name!r} has no split {split!r}; it has {sorted(info.splits)}")
+    return info.splits[split]
+
+
+def shard_urls(root: str, info: DatasetInfo, split: str) -> list[str]:
+    """URLs of the shards of ``split``, in order."""
+    return [fsio.join(root, split, name) for name in _split_info(info, split).shards]
+
+
+def keep_all_shards(shards: Iterable[dict]) -> Iterable[dict]:
+    """A webdataset node/worker splitter for a single-process reader: every shard goes to this reader."""
+    return shards
+
+
+class _ShardTracker:
+    """The last splitter stage of the pipeline: remembers which shard is being read, so errors can name it.
+
+    webdataset pulls the next URL only once the previous shard has been read to its end, so the URL seen
+    last is the one in use. A class rather than a closure, so that the pipeline stays picklable.
+    """
+
+    def __init__(self, splitter: Splitter) -> None:
+        self.splitter = splitter
+        self.url: str | None = None
+
+    def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
+        for shard in self.splitter(shards):
+            self.url = shard["url"]
+            yield shard
+
+    def raise_naming_shard(self, exn: Exception) -> NoReturn:
+        """webdataset ``handler=``: never skip; re-raise with the shard's URL."""
+        if isinstance(exn, ShardReadError):
+            raise exn
+        raise ShardReadError(self.url, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}") from exn
+
+
+def _check_shard_count(url: str | None, seen: int, expected_counts: Mapping[str, int] | None) -> None:
+    """Raise when a shard ended with fewer or more samples than ``_info.json`` lists (truncation at a tar
+    header boundary ends the tar stream silently, so this is the only way to notice it)."""
+    expected = None if url is None or expected_counts is None else expected_counts.get(url)
+    if expected is not None and seen != expected:
+        raise ShardReadError(url, f"holds {seen} samples but {expected} were written: truncated?")
+
+
+def iter_samples(
+    urls: list[str],
+    classes: Collection[int] | None = None,
+    *,
+    expected_counts: Mapping[str, int] | None = None,
+    nodesplitter: Splitter | None = None,
+    workersplitter: Splitter | None = None,
+) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """Yield ``(key, uint8 CxHxW image, label)`` from the shards at ``urls``, in shard order.
+
+    ``classes`` keeps only those labels (skipped samples are not decoded). ``expected_counts`` (URL -> sample
+    count, as :func:`iter_split` passes) turns a silently truncated shard into an error. Ray Train workers
+    pass ``webdataset.split_by_node`` / ``split_by_worker``; the default reads every shard. Any unreadable
+    or corrupt shard raises :class:`ShardReadError` naming it.
+    """
+    if not urls:
+        return  # webdataset's shard list cannot be empty
+    fsio.register_wds_fsspec_opener()
+    tracker = _ShardTracker(workersplitter or keep_all_shards)
+    dataset = wds.WebDataset(
+        urls,
+        shardshuffle=False,
+        nodesplitter=nodesplitter or keep_all_shards,
+        workersplitter=tracker,
+        handler=tracker.raise_naming_shard,
+        empty_check=False,  # a node or worker may get no shards; counts are checked against _info.json instead
+    )
+    wanted = None if classes is None else {int(c) for c in classes}
+    current, seen = None, 0
+    for sample in dataset:
+        if sample["__url__"] != current:
+            _check_shard_count(current, seen, expected_counts)
+            current, seen = sample["__url__"], 0
+        seen += 1
+        decoded = _decode_sample(sample, wanted)
+        if decoded is not None:
+            yield decoded
+    _check_shard_count(current, seen, expected_counts)
+
+
+def _decode_sample(sample: dict[str, Any], wanted: set[int] | None) -> tuple[str, torch.Tensor, int] | None:
+    """The decoded ``(key, image, label)`` of one raw webdataset sample, or None when its label is not wanted."""
+    try:
+        label = int(sample["cls"])
+        if wanted is not None and label not in wanted:
+            return None
+        return sample["__key__"], decode_png(sample["png"]), label
+    except (KeyError, ValueError, OSError) as exn:
+        raise ShardReadError(sample["__url__"], f"sample {sample['__key__']!r}: {exn!r}") from exn
+
+
+def iter_split(
+    root: str,
+    split: str,
+    classes: Collection[int] | None = None,
+    *,
+    nodesplitter: Splitter | None = None,
+    workersplitter: Splitter | None = None,
+) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """:func:`iter_samples` over one split of the prepared dataset at ``root``, checking every shard's count."""
+    info = read_info(root)
+    urls = shard_urls(root, info, split)
+    counts = dict(zip(urls, info.splits[split].shard_counts, strict=True))
+    yield from iter_samples(
+        urls, classes, expected_counts=counts, nodesplitter=nodesplitter, workersplitter=workersplitter
+    )
+
+
+def load_split(
+    root: str, split: str, classes: Collection[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All of ``split`` (or its ``classes``) in memory, in shard order: uint8 ``NxCxHxW`` images, int64 labels, keys.
+
+    For small datasets (MNIST-sized); stream large ones with :func:`iter_split`.
+    """
+    info = read_info(root)
+    keys, images, labels = [], [], []
+    for key, image, label in iter_split(root, split, classes):
+        keys.append(key)
+        images.append(image)
+        labels.append(label)
+    if not images:
+        empty = torch.empty((0, info.channels, info.image_size, info.image_size), dtype=torch.uint8)
+        return empty, torch.empty(0, dtype=torch.int64), keys
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys

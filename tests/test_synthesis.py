@@ -1,0 +1,103 @@
+"""The synthesis loop of one unit and the single-process condensation API, end to end on tiny data."""
+import pytest
+import torch
+
+from edc_ray.algo.condense import (accumulate_statistics, build_observers, candidate_pool, condense,
+                                   initial_images, make_units, merge_candidate_pools,
+                                   synthesize_class_unit, unit_seed)
+from edc_ray.algo.student import normalize
+from edc_ray.algo.synthesis import layer_weights, matching_loss
+from edc_ray.config import Config, StatisticsConfig
+from tiny import MEAN, STD, make_tiny, tiny_observers
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    images, labels = make_tiny()
+    return images, labels, tiny_observers(images, labels)
+
+
+def _cfg(**synthesis):
+    cfg = Config()
+    cfg.statistics = StatisticsConfig(patch_size=4, batch_size=16)
+    cfg.init.candidates_per_class = 10
+    cfg.synthesis.ipc = 2
+    cfg.synthesis.classes_per_unit = 2
+    cfg.synthesis.iterations = 30
+    cfg.synthesis.r = 1.0  # strong matching so the effect is visible in 30 steps
+    for k, v in synthesis.items():
+        setattr(cfg.synthesis, k, v)
+    return cfg
+
+
+def _observers(images, labels, models, cfg):
+    batches = [(images[s:s + 16], labels[s:s + 16]) for s in range(0, len(images), 16)]
+    sums = [accumulate_statistics(m, batches, 3, cfg.statistics, MEAN, STD) for m in models]
+    return build_observers(models, sums, cfg.statistics)
+
+
+def test_layer_weights():
+    assert layer_weights(3, 10.0) == [10.0, 1.0, 1.0]
+
+
+def test_units_and_seeds():
+    assert make_units(5, 2) == [[0, 1], [2, 3], [4]]
+    assert unit_seed(0, 1) == unit_seed(0, 1)
+    assert len({unit_seed(0, u) for u in range(50)} | {unit_seed(1, 0)}) == 51
+
+
+def test_candidate_pools_merge_like_a_single_pass(tiny):
+    images, labels, models = tiny
+    keys = [f"train-{i:08d}" for i in range(len(images))]
+    single = candidate_pool(models, images, labels, keys, 7, 0, MEAN, STD)
+    parts = [candidate_pool(models, images[s:s + 25], labels[s:s + 25], keys[s:s + 25], 7, 0, MEAN, STD)
+             for s in range(0, len(images), 25)]
+    merged = merge_candidate_pools(parts, 7)
+    assert merged.keys == single.keys
+    assert torch.equal(merged.images, single.images)
+    assert torch.allclose(merged.losses, single.losses, atol=1e-6)
+    assert torch.bincount(single.labels).tolist() == [7, 7, 7]
+
+
+def test_real_init_picks_distinct_lowest_loss_candidates(tiny):
+    images, labels, models = tiny
+    cfg = _cfg(ipc=4)
+    pool = candidate_pool(models, images, labels, [str(i) for i in range(len(images))], 10, 0, MEAN, STD)
+    x, y = initial_images(pool, [0, 2], 4, cfg, models, MEAN, STD, torch.Generator().manual_seed(0))
+    assert y.tolist() == [0] * 4 + [2] * 4
+    assert len({tuple(img.flatten().tolist()) for img in x}) == 8  # no duplicated seeds
+    class0 = pool.losses[pool.labels == 0]
+    expected = normalize(pool.images[pool.labels == 0][torch.argsort(class0)[:4]], MEAN, STD)
+    assert torch.allclose(x[:4], expected)
+
+
+def test_synthesis_lowers_matching_loss_changes_images_and_is_deterministic(tiny):
+    images, labels, models = tiny
+    cfg = _cfg()
+    observers = _observers(images, labels, models, cfg)
+    pool = candidate_pool(models, images, labels, [str(i) for i in range(len(images))], 10, 0, MEAN, STD)
+    x0, y = initial_images(pool, [0, 1], 2, cfg, models, MEAN, STD, torch.Generator().manual_seed(0))
+    cfg_noise = _cfg()
+    cfg_noise.init.mode = "noise"
+    for c in (cfg, cfg_noise):
+        out, out_labels, history = synthesize_class_unit(0, [0, 1], observers, pool, c, MEAN, STD)
+        again, _, _ = synthesize_class_unit(0, [0, 1], observers, pool, c, MEAN, STD)
+        assert torch.equal(out, again)
+        assert out.dtype == torch.uint8 and out.shape == (4, 1, 12, 12)
+        assert out_labels.tolist() == [0, 0, 1, 1]
+        start = initial_images(pool, [0, 1], 2, c, models, MEAN, STD,
+                               torch.Generator().manual_seed(unit_seed(c.seed, 0)))[0]
+        before = matching_loss(start, y, observers, c.synthesis, crops=16)
+        after = matching_loss(normalize(out, MEAN, STD), y, observers, c.synthesis, crops=16)
+        assert after < before, (c.init.mode, before, after)
+        assert not torch.equal(normalize(out, MEAN, STD), start)
+        assert len(history) == 30 and {"ce", "match", "flat", "loss"} <= set(history[0])
+
+
+def test_condense_api_end_to_end(tiny):
+    images, labels, models = tiny
+    cfg = _cfg(iterations=10)
+    a_images, a_labels = condense(models, images, labels, 3, MEAN, STD, cfg)
+    b_images, _ = condense(models, images, labels, 3, MEAN, STD, cfg)
+    assert a_images.shape == (6, 1, 12, 12) and a_labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(a_images, b_images)
