@@ -25,7 +25,7 @@ class DataConfig:
     """Where the prepared WebDataset shards live, and how to prepare them on first use."""
 
     root: str = "data/digits"  # local path or s3://bucket/prefix holding _info.json
-    source: str | None = "digits"  # prepare from this source on first use (None: must exist)
+    source: str | None = None  # prepare from this source on first use (None: must be prepared)
     src: str | None = None  # source files for `source` (idx folder, CIFAR folder, ImageFolder)
     train_split: str = "train"
     val_split: str = "test"
@@ -104,6 +104,7 @@ class EvaluationConfig:
     """Student post-training on the distilled set (METHOD.md 1.6)."""
 
     students: list[str] = field(default_factory=lambda: ["convnet"])
+    teachers: list[int] | None = None  # observer indices used as soft-label teachers (None: all)
     epochs: int = 300
     batch_size: int = 50
     lr: float = 1e-3
@@ -138,7 +139,7 @@ class RayConfig:
     train_use_gpu: bool = False
     train_worker_cpus: float = 1.0
     stats_tasks: int = 2
-    dashboard: bool = False  # start the dashboard with a local instance
+    dashboard: bool = True  # start the dashboard with a local instance (Ray Train's state API needs it)
 
 
 @dataclass
@@ -319,6 +320,9 @@ def validate(cfg: Config) -> None:
         _check(is_model(spec.arch), f"observers.models[{k}].arch", spec.arch, _known_archs())
     for k, student in enumerate(e.students):
         _check(is_model(student), f"evaluation.students[{k}]", student, _known_archs())
+    for k, t in enumerate(e.teachers or []):
+        _check(0 <= t < len(o.models), f"evaluation.teachers[{k}]", t,
+               f"must index observers.models (0..{len(o.models) - 1})")
     _check(o.epochs >= 0, "observers.epochs", o.epochs, "must be >= 0")
     _check(o.batch_size >= 1, "observers.batch_size", o.batch_size, "must be >= 1")
     _check(st.patch_size >= 1, "statistics.patch_size", st.patch_size, "must be >= 1")

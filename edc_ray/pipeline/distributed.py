@@ -1,6 +1,7 @@
 """Helpers for code running inside Ray Train workers: rank, batch shares, count reduction, launch."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable
 
@@ -9,9 +10,10 @@ import torch.distributed as dist
 
 
 def rank_and_world() -> tuple[int, int]:
-    """(world rank, world size) of this Ray Train worker."""
+    """(world rank, world size) of this Ray Train worker; also quiets Ray Train's per-report log lines."""
     import ray.train
 
+    logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs every report at INFO
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size()
 
@@ -45,6 +47,12 @@ def fit_torch_trainer(loop: Callable[[dict], None], config: dict, name: str, sto
     """Run `loop` on `workers` Ray Train workers (DDP) and return the `Result`."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    # The controller collects each worker report when it polls (every 2 s by default) and a worker's
+    # report blocks until then: per-epoch reports of short epochs would mostly wait. Ray propagates
+    # these variables from the driver to the controller and the workers.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every print shows twice
 
     trainer = TorchTrainer(
         loop,

@@ -60,7 +60,7 @@ def train_student_loop(config: dict) -> None:
     images, labels = load_images(config["train_urls"])
     val_images, val_labels, _ = load_split(config["data_root"], config["val_split"])
     val_images, val_labels = rank_share(val_images, rank, world), rank_share(val_labels, rank, world)
-    teachers = [model_from_payload(ray.get(ref), meta, device) for ref in config["observer_refs"]]
+    teachers = [model_from_payload(ray.get(ref), meta, device) for ref in config["teacher_refs"]]
     seed = config["seed"]
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = ray.train.torch.prepare_model(build_model(config["student"], meta))
@@ -119,8 +119,10 @@ def evaluate_set(cfg: Config, run: RunFolder, meta: DatasetMeta, observer_refs: 
     name = f"{label}-{student.replace(':', '_')}"
     if run.exists("eval", f"{name}.json"):
         return run.read_json("eval", f"{name}.json")
+    teachers = cfg.evaluation.teachers
+    teacher_refs = observer_refs if teachers is None else [observer_refs[i] for i in teachers]
     config = {"evaluation": to_dict(cfg.evaluation), "meta": meta.__dict__, "train_urls": urls,
-              "data_root": cfg.data.root, "val_split": cfg.data.val_split, "observer_refs": observer_refs,
+              "data_root": cfg.data.root, "val_split": cfg.data.val_split, "teacher_refs": teacher_refs,
               "student": student, "seed": cfg.evaluation.seed, "cpus": cfg.ray.train_worker_cpus,
               "label": name}
     result = fit_torch_trainer(train_student_loop, config, name, run.path("eval"), cfg.ray.train_workers,

@@ -17,6 +17,7 @@ def preview_grid(images: torch.Tensor, labels: torch.Tensor, max_per_class: int 
                  max_classes: int = 20, pad: int = 1) -> np.ndarray:
     """One row per class (up to `max_classes`), its first `max_per_class` images: uint8 HxWx3."""
     classes = torch.unique(labels).tolist()[:max_classes]
+    max_per_class = min(max_per_class, int(torch.bincount(labels).max()))
     _, c, h, w = images.shape
     grid = np.full((len(classes) * (h + pad) + pad, max_per_class * (w + pad) + pad, 3), 255, np.uint8)
     for row, cls in enumerate(classes):
@@ -60,7 +61,8 @@ def markdown(report: dict) -> str:
     lines += [f"| {k} | {v:.1f} |" for k, v in report["stage_seconds"].items()]
     synth = report["synthesis"]
     lines += ["", f"Synthesis: {synth['images']} images in {synth['seconds']:.1f} s "
-              f"({synth['images_per_s']:.2f} images/s) on {len(synth['workers'])} actors.", ""]
+              f"({synth['images_per_s']:.2f} images/s) on {len(synth['workers'])} actors "
+              f"({', '.join(w['name'] for w in synth['workers'])}).", ""]
     return "\n".join(lines)
 
 

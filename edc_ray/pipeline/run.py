@@ -123,7 +123,7 @@ def run_pipeline(cfg: Config) -> dict:
                               "units_total": synthesis["units_total"],
                               "units_run": [{k: r[k] for k in ("unit", "worker", "seconds", "images")}
                                             for r in synthesis["units_run"]],
-                              "workers": [w["name"] for w in synthesis["workers"]]},
+                              "workers": synthesis["workers"]},
             }
             report["stage_seconds"] = dict(stage.seconds)  # the report stage itself is not in it
             write_report(run, report, images, labels)

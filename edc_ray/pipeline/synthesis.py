@@ -42,28 +42,35 @@ def unit_complete(url: str, expected: int) -> bool:
 
 @ray.remote
 class SynthesisWorker:
-    """Synthesises whole units against observers shared through the object store."""
+    """Synthesises whole units against observers shared through the object store.
 
-    def __init__(self, name: str, cfg: dict, meta: dict, shared: list, run_dir: str):
+    The shared references come with every call (they are only ids) and the observers are built on
+    the first one, so a restarted actor rebuilds them from the same objects by itself.
+    """
+
+    def __init__(self, name: str, cfg: dict, meta: dict, run_dir: str):
         self.name = name
         self.cfg = from_dict(Config, cfg)
         self.meta = DatasetMeta(**meta)
         self.run = RunFolder(run_dir)
         set_threads(self.cfg.ray.actor_cpus)
         self.device = resolve_device(self.cfg.device, ray.get_gpu_ids())
-        observer_refs, sums_ref, pool_ref = shared[:-2], shared[-2], shared[-1]
-        self.ref_ids = [ref.hex() for ref in shared]
-        models = [model_from_payload(ray.get(ref), self.meta, self.device) for ref in observer_refs]
-        sums = [ClassStatSums.from_state_dict(s) for s in ray.get(sums_ref)]
-        self.observers = build_observers(models, sums, self.cfg.statistics, self.device)
-        self.pool = pool_from_dict(ray.get(pool_ref))
+        self.ref_ids: list[str] = []
 
-    def describe(self) -> dict:
-        """Who this actor is and which shared objects it reads (for tests and logs)."""
+    def prepare(self, shared: list) -> dict:
+        """Build the observers from `shared` = [observer refs..., sums ref, pool ref] (once)."""
+        if not self.ref_ids:
+            observer_refs, sums_ref, pool_ref = shared[:-2], shared[-2], shared[-1]
+            models = [model_from_payload(ray.get(ref), self.meta, self.device) for ref in observer_refs]
+            sums = [ClassStatSums.from_state_dict(s) for s in ray.get(sums_ref)]
+            self.observers = build_observers(models, sums, self.cfg.statistics, self.device)
+            self.pool = pool_from_dict(ray.get(pool_ref))
+            self.ref_ids = [ref.hex() for ref in shared]
         return {"name": self.name, "pid": os.getpid(), "device": str(self.device), "ref_ids": self.ref_ids}
 
-    def run_unit(self, unit: int, classes: list[int]) -> dict:
+    def run_unit(self, unit: int, classes: list[int], shared: list) -> dict:
         """Synthesise one unit and commit its shard; returns a summary."""
+        self.prepare(shared)
         start = time.perf_counter()
         images, labels, history = synthesize_class_unit(unit, classes, self.observers, self.pool, self.cfg,
                                                         self.meta.mean, self.meta.std, self.device)
@@ -84,14 +91,14 @@ def synthesis_stage(cfg: Config, run: RunFolder, meta: DatasetMeta, shared: list
         count = min(cfg.ray.synthesis_actors, len(todo))
         actors = [SynthesisWorker.options(name=f"SynthesisWorker-{i}", num_cpus=cfg.ray.actor_cpus,
                                           num_gpus=cfg.ray.actor_gpus, max_restarts=2)
-                  .remote(f"SynthesisWorker-{i}", to_dict(cfg), meta.__dict__, shared, run.root)
+                  .remote(f"SynthesisWorker-{i}", to_dict(cfg), meta.__dict__, run.root)
                   for i in range(count)]
-        workers = ray.get([a.describe.remote() for a in actors])
+        workers = ray.get([a.prepare.remote(shared) for a in actors])
         in_flight = {}
 
         def submit(actor) -> None:
             unit = todo.popleft()
-            in_flight[actor.run_unit.remote(unit, units[unit])] = (actor, unit)
+            in_flight[actor.run_unit.remote(unit, units[unit], shared)] = (actor, unit)
 
         for actor in actors:
             if todo:

@@ -1,0 +1,101 @@
+"""The typed config: YAML loading, CLI overrides, and clear errors for each class of bad input."""
+import glob
+import os
+
+import pytest
+import yaml
+
+from edc_ray.config import Config, ConfigError, dump_config, load_config
+from edc_ray.pipeline.run import prepare_data
+from edc_ray.storage.prepare import prepare_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_and_round_trip(tmp_path):
+    cfg = load_config()
+    assert cfg == Config()
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, REPO) for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.synthesis.ipc >= 1
+
+
+def test_overrides_apply_on_top_of_the_file(tmp_path):
+    path = write(tmp_path, {"synthesis": {"iterations": 10, "ipc": 3}})
+    cfg = load_config(path, ["synthesis.iterations=200", "evaluation.students=[convnet, resnet18_cifar]",
+                             "observers.models=[{arch: convnet_w64, weights: w.pt}]"])
+    assert cfg.synthesis.iterations == 200 and cfg.synthesis.ipc == 3
+    assert cfg.evaluation.students == ["convnet", "resnet18_cifar"]
+    assert cfg.observers.models[0].arch == "convnet_w64" and cfg.observers.models[0].weights == "w.pt"
+    assert load_config(None, ["synthesis.betas=[0.4, 0.8]"]).synthesis.betas == (0.4, 0.8)
+
+
+def test_unknown_key_names_key_path_and_allowed(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, {"synthesis": {"iterationz": 5}}))
+    message = str(err.value)
+    assert "'iterationz'" in message and "synthesis.iterationz" in message and "iterations" in message
+    with pytest.raises(ConfigError, match=r"unknown key 'arhc' at 'observers.models\[0\].arhc'"):
+        load_config(None, ["observers.models=[{arhc: convnet}]"])
+    with pytest.raises(ConfigError, match="unknown key 'sinthesis'"):
+        load_config(None, ["sinthesis.ipc=1"])
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("synthesis.ipc=ten", ["synthesis.ipc", "'ten'", "integer"]),
+    ("synthesis.ipc=0", ["synthesis.ipc", "0", "ipc must be >= 1"]),
+    ("synthesis.alpha=1.5", ["synthesis.alpha", "1.5", "alpha must be in [0, 1]"]),
+    ("synthesis.lr=true", ["synthesis.lr", "True", "number"]),
+    ("init.mode=gaussian", ["init.mode", "'gaussian'", "'real', 'mosaic', 'noise'"]),
+    ("evaluation.schedule=cosine", ["evaluation.schedule", "'smooth', 'multistep', 'ssrs'"]),
+    ("evaluation.students=[resnet99]", ["evaluation.students[0]", "'resnet99'", "convnet_w128",
+                                       "timm:<name>"]),
+    ("observers.models=[{arch: vgg}]", ["observers.models[0].arch", "'vgg'", "known architectures"]),
+    ("evaluation.teachers=[3]", ["evaluation.teachers[0]", "3", "0..0"]),
+    ("evaluation.zeta=0.5", ["evaluation.zeta", "0.5", ">= 1"]),
+    ("synthesis.betas=[0.5]", ["synthesis.betas", "expected 2 values"]),
+])
+def test_bad_values_name_the_value_and_what_is_allowed(override, fragments):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    for fragment in fragments:
+        assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["synthesis.iterations"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_missing_dataset_names_the_path(tmp_path):
+    cfg = load_config(None, [f"data.root={tmp_path / 'missing'}"])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        prepare_data(cfg)
+    cfg = load_config(None, [f"data.root={tmp_path / 'd'}", "data.source=idx", f"data.src={tmp_path / 'nosrc'}"])
+    with pytest.raises((FileNotFoundError, ValueError), match="nosrc"):
+        prepare_data(cfg)
+
+
+def test_image_size_must_match_the_dataset(tmp_path):
+    root = str(tmp_path / "digits")
+    prepare_dataset("digits", None, root)
+    assert prepare_data(load_config(None, [f"data.root={root}", "data.image_size=8"])).image_size == 8
+    with pytest.raises(ConfigError, match=r"data.image_size: 28 does not match .* 8x8"):
+        prepare_data(load_config(None, [f"data.root={root}", "data.image_size=28"]))
+    with pytest.raises(ConfigError, match=r"data.val_split: 'val' is not a split"):
+        prepare_data(load_config(None, [f"data.root={root}", "data.val_split=val"]))
