@@ -123,7 +123,7 @@ class EvaluationConfig:
     random_baseline: bool = True  # also evaluate IPC random real images per class
     val_batch_size: int = 500
     eval_every: int = 50  # validate (and checkpoint) every N epochs, and after the last
-    seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0])  # one student per seed; mean and std reported
 
 
 @dataclass
@@ -331,6 +331,7 @@ def validate(cfg: Config) -> None:
     _check(i.crops_per_image >= 1, "init.crops_per_image", i.crops_per_image, "must be >= 1")
     _check(e.epochs >= 1, "evaluation.epochs", e.epochs, "must be >= 1")
     _check(e.batch_size >= 1, "evaluation.batch_size", e.batch_size, "must be >= 1")
+    _check(len(e.seeds) >= 1, "evaluation.seeds", e.seeds, "give at least one seed")
     _check(e.zeta >= 1.0, "evaluation.zeta", e.zeta, "zeta must be >= 1 (1 = plain cosine)")
     _check(0.0 <= e.ema_decay < 1.0, "evaluation.ema_decay", e.ema_decay, "must be in [0, 1)")
     _check(0.0 < e.min_scale <= 1.0, "evaluation.min_scale", e.min_scale, "must be in (0, 1]")

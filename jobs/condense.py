@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nrun folder: {report['run_dir']}")
     for row in report["evaluation"]:
         print(f"  {row['student']:>12} on {row['set']:>9} ({row['images']} images): "
-              f"final top-1 {row['final_top1']:.2f}%  best {row['best_top1']:.2f}%")
+              f"final top-1 {row['final_top1']:.2f}% +- {row['final_top1_std']:.2f} "
+              f"over {len(row['per_seed'])} seed(s), best {row['best_top1']:.2f}%")
     return 0
 
 

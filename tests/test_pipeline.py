@@ -42,7 +42,7 @@ def tiny_config(src: str, data_root: str, run_dir: str, evaluate: bool = True):
         "observers.crop_padding=0", "observers.flip=false",
         "init.candidates_per_class=10", "synthesis.ipc=2", "synthesis.classes_per_unit=1",
         "synthesis.iterations=5", "evaluation.epochs=2", "evaluation.batch_size=2",
-        "evaluation.eval_every=0", "evaluation.val_batch_size=16",
+        "evaluation.eval_every=0", "evaluation.val_batch_size=16", "evaluation.seeds=[0, 1]",
         f"evaluation.students={'[convnet_d2]' if evaluate else '[]'}",
         f"evaluation.random_baseline={'true' if evaluate else 'false'}",
         "ray.synthesis_actors=2", "ray.actor_cpus=0.5", "ray.train_workers=2",
@@ -85,7 +85,7 @@ def test_pipeline_end_to_end(ray_local, tiny_imagefolder, tmp_path):
     assert set(rows) == {("distilled", "convnet_d2"), ("random", "convnet_d2")}
     for row in rows.values():
         assert 0.0 <= row["final_top1"] <= 100.0 and row["final_top1"] <= row["best_top1"]
-        assert row["images"] == 6
+        assert row["images"] == 6 and [r["seed"] for r in row["per_seed"]] == [0, 1]
     assert set(report["stage_seconds"]) == {"prepare", "observers", "statistics", "synthesis", "evaluation"}
     assert 0.0 <= report["observers"][0]["top1"] <= 100.0
     on_disk = run.read_json("report.json")

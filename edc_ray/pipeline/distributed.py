@@ -51,7 +51,7 @@ def fit_torch_trainer(loop: Callable[[dict], None], config: dict, name: str, sto
     # The controller collects each worker report when it polls (every 2 s by default) and a worker's
     # report blocks until then: per-epoch reports of short epochs would mostly wait. Ray propagates
     # these variables from the driver to the controller and the workers.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every print shows twice
 
     trainer = TorchTrainer(

@@ -28,26 +28,46 @@ def load_images(urls: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([s[1] for s in samples]), torch.tensor([s[2] for s in samples])
 
 
-def _checkpoint_state(trainer: StudentTrainer, epoch: int, best: float, generators: list) -> dict:
+def _checkpoint_state(trainer: StudentTrainer, seed_index: int, epoch: int, best: float,
+                      generators: list, finished: list[dict]) -> dict:
     model = getattr(trainer.model, "module", trainer.model)
-    return {"epoch": epoch, "best": best, "model": model.state_dict(), "ema": trainer.ema.module.state_dict(),
+    return {"seed_index": seed_index, "epoch": epoch, "best": best, "finished": finished,
+            "model": model.state_dict(), "ema": trainer.ema.module.state_dict(),
             "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-            "generators": [g.get_state() for g in generators], "rng": torch.get_rng_state()}
+            "ema_updates": trainer.ema.updates, "generators": [g.get_state() for g in generators],
+            "rng": torch.get_rng_state()}
 
 
-def _restore(trainer: StudentTrainer, state: dict, generators: list) -> tuple[int, float]:
+def _restore(trainer: StudentTrainer, state: dict, generators: list) -> None:
     getattr(trainer.model, "module", trainer.model).load_state_dict(state["model"])
     trainer.ema.module.load_state_dict(state["ema"])
+    trainer.ema.updates = state["ema_updates"]
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     for g, s in zip(generators, state["generators"]):
         g.set_state(s)
     torch.set_rng_state(state["rng"])
-    return state["epoch"], state["best"]
+
+
+def _latest_state(rank: int) -> dict | None:
+    """This rank's state from the last checkpoint, when Ray Train restarted the run after a failure."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, f"rank{rank}.pt"), "rb") as f:
+            return load_torch_bytes(f.read(), "checkpoint")
 
 
 def train_student_loop(config: dict) -> None:
-    """Ray Train worker function: post-train one student on a distilled set (EDC recipe, METHOD.md 1.6)."""
+    """Ray Train worker function: post-train one student per seed on a distilled set (METHOD.md 1.6).
+
+    Seeds run one after another in the same worker group; every epoch is reported, every validation
+    carries a checkpoint (all seeds finished so far + the current one's full state), so a restarted
+    run resumes at the last validated epoch of the seed it was in.
+    """
     import ray
     import ray.train
     import ray.train.torch
@@ -61,41 +81,47 @@ def train_student_loop(config: dict) -> None:
     val_images, val_labels, _ = load_split(config["data_root"], config["val_split"])
     val_images, val_labels = rank_share(val_images, rank, world), rank_share(val_labels, rank, world)
     teachers = [model_from_payload(ray.get(ref), meta, device) for ref in config["teacher_refs"]]
-    seed = config["seed"]
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    model = ray.train.torch.prepare_model(build_model(config["student"], meta))
     steps = math.ceil(len(images) / ecfg.batch_size)
-    trainer = StudentTrainer(model, teachers, ecfg, meta.mean, meta.std, steps, device)
-    order = torch.Generator().manual_seed(seed)  # the global batch order, shared by all ranks
-    augment = torch.Generator().manual_seed(seed * 1000 + 1 + rank)
-    torch.manual_seed(seed * 1000 + 1 + rank)  # RandAugment draws from the global RNG
-    start, best = 0, float("-inf")
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            with open(os.path.join(folder, f"rank{rank}.pt"), "rb") as f:
-                start, best = _restore(trainer, load_torch_bytes(f.read(), "checkpoint"), [order, augment])
-    for epoch in range(start, ecfg.epochs):
-        losses = [trainer.step(images[rank_share(idx, rank, world)], labels[rank_share(idx, rank, world)],
-                               augment)
-                  for idx in epoch_batches(len(images), ecfg.batch_size, order)
-                  if len(idx) >= world]  # a last batch smaller than the world would leave a rank empty
-        metrics = {"epoch": epoch + 1, "loss": sum(losses) / len(losses)}
-        last = epoch + 1 == ecfg.epochs
-        if not (last or (ecfg.eval_every and (epoch + 1) % ecfg.eval_every == 0)):
-            ray.train.report(metrics)
+    state = _latest_state(rank)
+    finished: list[dict] = state["finished"] if state else []
+    for seed_index, seed in enumerate(ecfg.seeds):
+        if seed_index < len(finished):
             continue
-        top1 = validation_accuracy(trainer.ema.module, val_images, val_labels, meta, ecfg.val_batch_size,
-                                   device)
-        best = max(best, top1)
-        metrics.update(top1=top1, best_top1=best)
-        if rank == 0:
-            print(f"[eval {config['label']}] epoch {epoch + 1}/{ecfg.epochs} loss {metrics['loss']:.4f} "
-                  f"top-1 {top1:.2f}% (best {best:.2f}%)", flush=True)
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(_checkpoint_state(trainer, epoch + 1, best, [order, augment]),
-                       os.path.join(folder, f"rank{rank}.pt"))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        torch.manual_seed(seed)  # identical initial weights on every rank
+        model = ray.train.torch.prepare_model(build_model(config["student"], meta))
+        trainer = StudentTrainer(model, teachers, ecfg, meta.mean, meta.std, steps, device)
+        order = torch.Generator().manual_seed(seed)  # the global batch order, shared by all ranks
+        augment = torch.Generator().manual_seed(seed * 1000 + 1 + rank)
+        torch.manual_seed(seed * 1000 + 1 + rank)  # RandAugment draws from the global RNG
+        start, best = 0, float("-inf")
+        if state and state["seed_index"] == seed_index:
+            _restore(trainer, state, [order, augment])
+            start, best = state["epoch"], state["best"]
+        for epoch in range(start, ecfg.epochs):
+            losses = [trainer.step(images[rank_share(idx, rank, world)],
+                                   labels[rank_share(idx, rank, world)], augment)
+                      for idx in epoch_batches(len(images), ecfg.batch_size, order)
+                      if len(idx) >= world]  # a last batch smaller than the world would leave a rank empty
+            metrics = {"seed": seed, "epoch": epoch + 1, "loss": sum(losses) / len(losses)}
+            last = epoch + 1 == ecfg.epochs
+            if not (last or (ecfg.eval_every and (epoch + 1) % ecfg.eval_every == 0)):
+                ray.train.report(metrics)
+                continue
+            top1 = validation_accuracy(trainer.ema.module, val_images, val_labels, meta,
+                                       ecfg.val_batch_size, device)
+            best = max(best, top1)
+            metrics.update(top1=top1, best_top1=best)
+            if last:
+                finished = finished + [{"seed": seed, "final_top1": top1, "best_top1": best}]
+            metrics["finished"] = finished
+            if rank == 0:
+                print(f"[eval {config['label']}] seed {seed} epoch {epoch + 1}/{ecfg.epochs} "
+                      f"loss {metrics['loss']:.4f} top-1 {top1:.2f}% (best {best:.2f}%)", flush=True)
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(_checkpoint_state(trainer, seed_index, epoch + 1, best, [order, augment], finished),
+                           os.path.join(folder, f"rank{rank}.pt"))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        state = None
 
 
 def random_subset_shard(run: RunFolder, pool_images: torch.Tensor, pool_labels: torch.Tensor,
@@ -123,12 +149,15 @@ def evaluate_set(cfg: Config, run: RunFolder, meta: DatasetMeta, observer_refs: 
     teacher_refs = observer_refs if teachers is None else [observer_refs[i] for i in teachers]
     config = {"evaluation": to_dict(cfg.evaluation), "meta": meta.__dict__, "train_urls": urls,
               "data_root": cfg.data.root, "val_split": cfg.data.val_split, "teacher_refs": teacher_refs,
-              "student": student, "seed": cfg.evaluation.seed, "cpus": cfg.ray.train_worker_cpus,
+              "student": student, "cpus": cfg.ray.train_worker_cpus,
               "label": name}
     result = fit_torch_trainer(train_student_loop, config, name, run.path("eval"), cfg.ray.train_workers,
                                cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus, max_failures=2)
-    summary = {"set": label, "student": student, "final_top1": result.metrics["top1"],
-               "best_top1": result.metrics["best_top1"], "epochs": cfg.evaluation.epochs,
-               "images": len(list(iter_samples(urls)))}
+    per_seed = result.metrics["finished"]
+    finals = torch.tensor([r["final_top1"] for r in per_seed], dtype=torch.float64)
+    bests = torch.tensor([r["best_top1"] for r in per_seed], dtype=torch.float64)
+    summary = {"set": label, "student": student, "final_top1": float(finals.mean()),
+               "final_top1_std": float(finals.std(correction=0)), "best_top1": float(bests.mean()),
+               "per_seed": per_seed, "epochs": cfg.evaluation.epochs, "images": len(list(iter_samples(urls)))}
     run.write_json(summary, "eval", f"{name}.json")
     return summary

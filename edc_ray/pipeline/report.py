@@ -29,10 +29,10 @@ def preview_grid(images: torch.Tensor, labels: torch.Tensor, max_per_class: int 
     return grid
 
 
-def png_bytes(grid: np.ndarray, min_side: int = 256) -> bytes:
-    """PNG of the grid, upscaled (nearest) so that small images stay visible."""
+def png_bytes(grid: np.ndarray, long_side: int = 512) -> bytes:
+    """PNG of the grid, upscaled (nearest) towards `long_side` so that small images stay visible."""
     image = Image.fromarray(grid)
-    scale = max(1, min_side // max(1, min(image.size)))
+    scale = max(1, long_side // max(image.size))
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
@@ -49,10 +49,12 @@ def markdown(report: dict) -> str:
     lines = [f"# edc-ray report: {report['dataset']} / {report['method']} / IPC {report['ipc']}", "",
              f"run `{report['run_dir']}`, config hash `{report['config_hash']}`", "",
              "## Evaluation (top-1 %, real test set, EMA student)", "",
-             "| student | set | images | epochs | final | best |", "|---|---|---|---|---|---|"]
+             "| student | set | images | epochs | seeds | final (mean +- std) | best (mean) |",
+             "|---|---|---|---|---|---|---|"]
     for row in report["evaluation"]:
         lines.append(f"| {row['student']} | {row['set']} | {row['images']} | {row['epochs']} | "
-                     f"{row['final_top1']:.2f} | {row['best_top1']:.2f} |")
+                     f"{len(row['per_seed'])} | {row['final_top1']:.2f} +- {row['final_top1_std']:.2f} | "
+                     f"{row['best_top1']:.2f} |")
     lines += ["", "## Observers (full-data baseline)", "", "| observer | arch | test top-1 |", "|---|---|---|"]
     for obs in report["observers"]:
         top1 = "-" if obs.get("top1") is None else f"{obs['top1']:.2f}"
