@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from edc_ray.algo.stats import (ClassStatSums, StatisticHooks, batch_statistics, compute_targets,
-                                hooked_layers, image_statistics, patch_grid)
+                                hooked_layers, image_statistics, patch_resize)
 from edc_ray.models import create_model
 
 
@@ -25,9 +25,12 @@ def test_patch_statistics_hand_computed():
     assert stats["patch_mean"][1, 1].item() == pytest.approx(12.5)
 
 
-def test_patch_grid_resizes_to_a_multiple():
-    assert patch_grid(torch.ones(2, 3, 7, 7), 4).shape == (2, 3, 2, 4, 2, 4)
-    assert patch_grid(torch.ones(1, 1, 3, 3), 4).shape == (1, 1, 1, 4, 1, 4)
+def test_patch_resize_to_a_multiple():
+    assert patch_resize(torch.ones(2, 3, 7, 7), 4).shape == (2, 3, 8, 8)
+    assert patch_resize(torch.ones(1, 1, 3, 3), 4).shape == (1, 1, 4, 4)
+    h = torch.randn(1, 2, 8, 8)
+    assert patch_resize(h, 4) is h
+    assert batch_statistics(torch.ones(2, 3, 7, 7), 4)["patch_mean"].shape == (2, 2)
 
 
 def test_image_statistics_per_image():

@@ -27,32 +27,50 @@ CHANNEL_STATS = ("mean", "var")
 PATCH_STATS = ("patch_mean", "patch_var")
 
 
-def patch_grid(h: torch.Tensor, patch: int) -> torch.Tensor:
-    """Resize `h` bilinearly to a multiple of `patch` and view it as (B, C, nH, P, nW, P)."""
-    b, c, height, width = h.shape
+def patch_resize(h: torch.Tensor, patch: int) -> torch.Tensor:
+    """Resize `h` bilinearly so that its height and width are multiples of `patch` (unchanged if so)."""
+    height, width = h.shape[-2:]
     th, tw = -(-height // patch) * patch, -(-width // patch) * patch
     if (th, tw) != (height, width):
         h = F.interpolate(h, size=(th, tw), mode="bilinear", align_corners=False)
-    return h.reshape(b, c, th // patch, patch, tw // patch, patch)
+    return h
+
+
+def _moments(h: torch.Tensor, patch: int | None, keep_batch: bool) -> dict[str, torch.Tensor]:
+    """Means and mean squares of `h`: per channel over (H, W) and per patch over (C, P, P).
+
+    Computed as plain means of x and x^2 (the variance follows as E[x^2] - E[x]^2), averaged over the
+    batch too unless `keep_batch`. Patch means average over channels first and pool afterwards: both
+    are linear, so the result is the same at a fraction of the cost.
+    """
+    square = h * h
+    dims = (2, 3) if keep_batch else (0, 2, 3)
+    out = {"mean": h.mean(dims), "sq": square.mean(dims)}
+    if patch:
+        resized = patch_resize(h, patch)
+        squared = square if resized is h else resized * resized
+        pmean = F.avg_pool2d(resized.mean(1, keepdim=True), patch)[:, 0]  # (B, nH, nW)
+        psq = F.avg_pool2d(squared.mean(1, keepdim=True), patch)[:, 0]
+        out.update(patch_mean=pmean if keep_batch else pmean.mean(0),
+                   patch_sq=psq if keep_batch else psq.mean(0))
+    return out
 
 
 def batch_statistics(h: torch.Tensor, patch: int | None) -> dict[str, torch.Tensor]:
     """Channel (and patch) mean/var of a batch: shapes (C,) and (nH, nW)."""
-    var, mean = torch.var_mean(h, dim=(0, 2, 3), correction=0)
-    out = {"mean": mean, "var": var}
+    m = _moments(h, patch, keep_batch=False)
+    out = {"mean": m["mean"], "var": (m["sq"] - m["mean"] ** 2).clamp(min=0)}
     if patch:
-        pvar, pmean = torch.var_mean(patch_grid(h, patch), dim=(0, 1, 3, 5), correction=0)
-        out.update(patch_mean=pmean, patch_var=pvar)
+        out.update(patch_mean=m["patch_mean"], patch_var=(m["patch_sq"] - m["patch_mean"] ** 2).clamp(min=0))
     return out
 
 
 def image_statistics(h: torch.Tensor, patch: int | None) -> dict[str, torch.Tensor]:
     """Per-image spatial mean/var, mean of squares, and patch versions: shapes (B, C), (B, nH, nW)."""
-    var, mean = torch.var_mean(h, dim=(2, 3), correction=0)
-    out = {"mean": mean, "var": var, "sq": var + mean**2}
+    out = _moments(h, patch, keep_batch=True)
+    out["var"] = (out["sq"] - out["mean"] ** 2).clamp(min=0)
     if patch:
-        pvar, pmean = torch.var_mean(patch_grid(h, patch), dim=(1, 3, 5), correction=0)
-        out.update(patch_mean=pmean, patch_var=pvar, patch_sq=pvar + pmean**2)
+        out["patch_var"] = (out["patch_sq"] - out["patch_mean"] ** 2).clamp(min=0)
     return out
 
 
