@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -159,17 +159,26 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[t
 
 
 @torch.no_grad()
+def count_correct(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu"
+                  ) -> tuple[int, int]:
+    """(correct, total) top-1 counts over (uint8 images, labels) batches, so shards reduce by addition."""
+    model.eval()
+    correct = total = 0
+    for images, labels in batches:
+        pred = model(normalize(images.to(device), mean, std)).argmax(1).cpu()
+        correct += int((pred == labels).sum())
+        total += len(labels)
+    return correct, total
+
+
 def evaluate_counts(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor,
                     mean: Sequence[float], std: Sequence[float], batch_size: int = 500,
                     device: torch.device | str = "cpu") -> tuple[int, int]:
-    """(correct, total) top-1 counts, so that shards of a validation set reduce by addition."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(images_uint8), batch_size):
-        x = normalize(images_uint8[start:start + batch_size].to(device), mean, std)
-        pred = model(x).argmax(1).cpu()
-        correct += int((pred == labels[start:start + batch_size]).sum())
-    return correct, len(images_uint8)
+    """`count_correct` over in-memory images."""
+    batches = ((images_uint8[s:s + batch_size], labels[s:s + batch_size])
+               for s in range(0, len(images_uint8), batch_size))
+    return count_correct(model, batches, mean, std, device)
 
 
 def train_student(model: nn.Module, teachers: Sequence[nn.Module], images_uint8: torch.Tensor,

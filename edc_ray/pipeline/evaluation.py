@@ -15,11 +15,12 @@ import torch
 
 from edc_ray.algo.student import StudentTrainer, epoch_batches
 from edc_ray.config import Config, EvaluationConfig, from_dict, to_dict
+from edc_ray.pipeline import metrics
 from edc_ray.pipeline.common import DatasetMeta, build_model, model_from_payload, set_threads
 from edc_ray.pipeline.distributed import fit_torch_trainer, rank_and_world, rank_share
 from edc_ray.pipeline.observers import validation_accuracy
 from edc_ray.storage.run_folder import RunFolder, load_torch_bytes
-from edc_ray.storage.shards import encode_png, iter_samples, load_split, write_shard
+from edc_ray.storage.shards import encode_png, iter_samples, write_shard
 
 
 def load_images(urls: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,8 +79,6 @@ def train_student_loop(config: dict) -> None:
     ecfg = from_dict(EvaluationConfig, config["evaluation"])
     meta = DatasetMeta(**config["meta"])
     images, labels = load_images(config["train_urls"])
-    val_images, val_labels, _ = load_split(config["data_root"], config["val_split"])
-    val_images, val_labels = rank_share(val_images, rank, world), rank_share(val_labels, rank, world)
     teachers = [model_from_payload(ray.get(ref), meta, device) for ref in config["teacher_refs"]]
     steps = math.ceil(len(images) / ecfg.batch_size)
     state = _latest_state(rank)
@@ -102,25 +101,26 @@ def train_student_loop(config: dict) -> None:
                                    labels[rank_share(idx, rank, world)], augment)
                       for idx in epoch_batches(len(images), ecfg.batch_size, order)
                       if len(idx) >= world]  # a last batch smaller than the world would leave a rank empty
-            metrics = {"seed": seed, "epoch": epoch + 1, "loss": sum(losses) / len(losses)}
+            scores = {"seed": seed, "epoch": epoch + 1, "loss": sum(losses) / len(losses)}
             last = epoch + 1 == ecfg.epochs
             if not (last or (ecfg.eval_every and (epoch + 1) % ecfg.eval_every == 0)):
-                ray.train.report(metrics)
+                ray.train.report(scores)
                 continue
-            top1 = validation_accuracy(trainer.ema.module, val_images, val_labels, meta,
+            top1 = validation_accuracy(trainer.ema.module, config["data_root"], config["val_split"], meta,
                                        ecfg.val_batch_size, device)
             best = max(best, top1)
-            metrics.update(top1=top1, best_top1=best)
+            scores.update(top1=top1, best_top1=best)
             if last:
                 finished = finished + [{"seed": seed, "final_top1": top1, "best_top1": best}]
-            metrics["finished"] = finished
+            scores["finished"] = finished
             if rank == 0:
+                metrics.evaluation_accuracy(config["label"], seed, top1)
                 print(f"[eval {config['label']}] seed {seed} epoch {epoch + 1}/{ecfg.epochs} "
-                      f"loss {metrics['loss']:.4f} top-1 {top1:.2f}% (best {best:.2f}%)", flush=True)
+                      f"loss {scores['loss']:.4f} top-1 {top1:.2f}% (best {best:.2f}%)", flush=True)
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(_checkpoint_state(trainer, seed_index, epoch + 1, best, [order, augment], finished),
                            os.path.join(folder, f"rank{rank}.pt"))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                ray.train.report(scores, checkpoint=ray.train.Checkpoint.from_directory(folder))
         state = None
 
 

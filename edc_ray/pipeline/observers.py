@@ -1,17 +1,21 @@
 """Stage "observers": load weights files, or train the observers with a Ray Train TorchTrainer."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from edc_ray.algo.observer import classifier_step, make_optimizer
-from edc_ray.algo.student import evaluate_counts, normalize
+from edc_ray.algo.student import count_correct, normalize
 from edc_ray.config import Config, ObserversConfig, from_dict, to_dict
 from edc_ray.models import create_model, load_weights
 from edc_ray.pipeline.common import DatasetMeta, build_model, set_threads
-from edc_ray.pipeline.distributed import (all_reduce_counts, equal_steps, fit_torch_trainer,
-                                          rank_and_world, rank_share)
+from edc_ray.pipeline.distributed import all_reduce_counts, fit_torch_trainer, rank_and_world
+from edc_ray.pipeline.streaming import split_stream, steps_every_rank_can_take
 from edc_ray.storage.run_folder import RunFolder
-from edc_ray.storage.shards import load_split
+from edc_ray.storage.shards import read_info
+
+STREAM_SHUFFLE = 2000  # samples in each rank's shuffle buffer while training observers
 
 
 def observer_names(cfg: Config) -> list[str]:
@@ -19,20 +23,22 @@ def observer_names(cfg: Config) -> list[str]:
     return [f"{k}-{spec.arch.replace(':', '_')}" for k, spec in enumerate(cfg.observers.models)]
 
 
-def validation_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                        meta: DatasetMeta, batch_size: int, device: torch.device) -> float:
-    """Top-1 (%) over this rank's share of the validation set, summed over all ranks."""
-    correct, total = evaluate_counts(model, images, labels, meta.mean, meta.std, batch_size, device)
-    correct, total = all_reduce_counts(correct, total)
+def validation_accuracy(model: torch.nn.Module, root: str, split: str, meta: DatasetMeta, batch_size: int,
+                        device: torch.device) -> float:
+    """Top-1 (%) over the split, each rank streaming its share of the shards, summed over all ranks."""
+    rank, world = rank_and_world()
+    batches = split_stream(root, split, rank, world, batch_size)
+    correct, total = all_reduce_counts(*count_correct(model, batches, meta.mean, meta.std, device))
     return 100.0 * correct / max(1, total)
 
 
 def train_observers_loop(config: dict) -> None:
     """Ray Train worker function: train each listed observer in turn (DDP across workers).
 
-    Every rank loads the (small) train split, takes its share of each global batch from a shared
-    permutation (equal steps on every rank), and validates on its share of the test split. Rank 0
-    writes each observer's weights and accuracy into the run folder.
+    Every rank streams its share of the train shards (shard i to rank i mod world, shuffled per epoch
+    with a seed shared by the ranks) and takes the same number of steps per epoch, the most the rank
+    with the fewest samples can fill, so DDP never waits. Rank 0 writes each observer's weights and
+    test accuracy into the run folder.
     """
     import ray.train
     import ray.train.torch
@@ -43,30 +49,27 @@ def train_observers_loop(config: dict) -> None:
     ocfg = from_dict(ObserversConfig, config["observers"])
     meta = DatasetMeta(**config["meta"])
     run = RunFolder(config["run_dir"])
-    images, labels, _ = load_split(config["data_root"], config["train_split"])
-    val_images, val_labels, _ = load_split(config["data_root"], config["val_split"])
-    val_images, val_labels = rank_share(val_images, rank, world), rank_share(val_labels, rank, world)
-    steps = equal_steps(len(images), ocfg.batch_size, world)
+    root, split = config["data_root"], config["train_split"]
+    local_batch = max(1, ocfg.batch_size // world)
+    steps = steps_every_rank_can_take(read_info(root).splits[split].shard_counts, world, local_batch)
     for k, (name, arch) in enumerate(zip(config["names"], config["archs"])):
         torch.manual_seed(config["seed"] + k)
         model = ray.train.torch.prepare_model(build_model(arch, meta))
         optimizer, scheduler = make_optimizer(model, ocfg, steps * ocfg.epochs)
-        order = torch.Generator().manual_seed(config["seed"] + k)  # same permutation on every rank
         augment = torch.Generator().manual_seed(config["seed"] + 1000 * (k + 1) + rank)
         for epoch in range(ocfg.epochs):
-            perm = torch.randperm(len(images), generator=order)
-            losses = []
-            for step in range(steps):
-                batch = rank_share(perm[step * ocfg.batch_size:(step + 1) * ocfg.batch_size], rank, world)
-                x = normalize(images[batch].to(device), meta.mean, meta.std)
-                losses.append(classifier_step(model, optimizer, scheduler, x, labels[batch].to(device),
-                                              ocfg, augment))
+            stream = split_stream(root, split, rank, world, local_batch, shuffle=STREAM_SHUFFLE,
+                                  seed=config["seed"] + 7919 * epoch + k)
+            losses = [classifier_step(model, optimizer, scheduler, normalize(images.to(device), meta.mean,
+                                                                                meta.std),
+                                      labels.to(device), ocfg, augment)
+                      for images, labels in itertools.islice(stream, steps)]
             ray.train.report({"observer": name, "epoch": epoch + 1, "loss": sum(losses) / len(losses)})
             if rank == 0:
                 print(f"[observers] {name} epoch {epoch + 1}/{ocfg.epochs} "
                       f"loss {sum(losses) / len(losses):.4f}", flush=True)
         plain = getattr(model, "module", model)
-        accuracy = validation_accuracy(plain, val_images, val_labels, meta, 500, device)
+        accuracy = validation_accuracy(plain, root, config["val_split"], meta, 500, device)
         if rank == 0:
             save_observer(run, name, arch, plain, accuracy, trained_epochs=ocfg.epochs)
             print(f"[observers] {name} test top-1 {accuracy:.2f}%", flush=True)

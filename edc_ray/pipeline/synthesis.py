@@ -17,6 +17,7 @@ from tqdm import tqdm
 from edc_ray.algo.condense import build_observers, make_units, synthesize_class_unit
 from edc_ray.algo.stats import ClassStatSums
 from edc_ray.config import Config, from_dict, to_dict
+from edc_ray.pipeline import metrics
 from edc_ray.pipeline.common import DatasetMeta, model_from_payload, resolve_device, set_threads
 from edc_ray.pipeline.statistics import pool_from_dict
 from edc_ray.storage.run_folder import RunFolder
@@ -38,6 +39,9 @@ def unit_complete(url: str, expected: int) -> bool:
         return sum(1 for _ in iter_samples([url])) == expected
     except (FileNotFoundError, ShardReadError):
         return False
+
+
+MAX_ACTOR_RESTARTS = 2
 
 
 @ray.remote
@@ -72,48 +76,42 @@ class SynthesisWorker:
         """Synthesise one unit and commit its shard; returns a summary."""
         self.prepare(shared)
         start = time.perf_counter()
+
+        def progress(t: int, terms: dict) -> None:
+            if t % 20 == 0:
+                metrics.synthesis_loss(self.name, terms["loss"])
+
         images, labels, history = synthesize_class_unit(unit, classes, self.observers, self.pool, self.cfg,
-                                                        self.meta.mean, self.meta.std, self.device)
+                                                        self.meta.mean, self.meta.std, self.device, progress)
         count = write_shard(self.run.unit_shard(unit), unit_samples(unit, images, labels))
+        seconds = time.perf_counter() - start
+        last = history[-1] if history else {}
+        metrics.unit_finished(self.name, count, seconds, last.get("loss", 0.0))
         return {"unit": unit, "classes": classes, "images": count, "worker": self.name,
-                "seconds": time.perf_counter() - start, "last": history[-1] if history else {}}
+                "seconds": seconds, "last": last}
 
 
 def synthesis_stage(cfg: Config, run: RunFolder, meta: DatasetMeta, shared: list) -> dict:
-    """Run every unit not yet complete on the actor pool; write `distilled/_info.json`; summarise."""
+    """Run every unit not yet complete on the actor pool; write `distilled/_info.json`; summarise.
+
+    Units go to whichever actor is free. A unit whose actor dies is queued again; the actor restarts
+    (up to `MAX_ACTOR_RESTARTS` times) and keeps taking work, and the stage fails with a clear error
+    only when every actor is gone for good.
+    """
     units = make_units(meta.num_classes, cfg.synthesis.classes_per_unit)
     ipc = cfg.synthesis.ipc
     todo = deque(u for u, classes in enumerate(units)
                  if not unit_complete(run.unit_shard(u), ipc * len(classes)))
     results: list[dict] = []
     workers: list[dict] = []
+    requeued: list[int] = []
     if todo:
-        count = min(cfg.ray.synthesis_actors, len(todo))
         actors = [SynthesisWorker.options(name=f"SynthesisWorker-{i}", num_cpus=cfg.ray.actor_cpus,
-                                          num_gpus=cfg.ray.actor_gpus, max_restarts=2)
+                                          num_gpus=cfg.ray.actor_gpus, max_restarts=MAX_ACTOR_RESTARTS)
                   .remote(f"SynthesisWorker-{i}", to_dict(cfg), meta.__dict__, run.root)
-                  for i in range(count)]
+                  for i in range(min(cfg.ray.synthesis_actors, len(todo)))]
         workers = ray.get([a.prepare.remote(shared) for a in actors])
-        in_flight = {}
-
-        def submit(actor) -> None:
-            unit = todo.popleft()
-            in_flight[actor.run_unit.remote(unit, units[unit], shared)] = (actor, unit)
-
-        for actor in actors:
-            if todo:
-                submit(actor)
-        with tqdm(total=len(todo) + len(in_flight), desc="synthesis units", unit="unit") as bar:
-            while in_flight:
-                done, _ = ray.wait(list(in_flight), num_returns=1)
-                actor, unit = in_flight.pop(done[0])
-                try:
-                    results.append(ray.get(done[0]))
-                    bar.update(1)
-                except ray.exceptions.RayActorError:
-                    todo.append(unit)  # the actor died mid-unit: another (or its restart) redoes it
-                if todo:
-                    submit(actor)
+        results, requeued = _dispatch(actors, units, todo, shared)
         for actor in actors:
             ray.kill(actor)
     run.write_json({"ipc": ipc, "num_classes": meta.num_classes, "image_size": meta.image_size,
@@ -121,4 +119,44 @@ def synthesis_stage(cfg: Config, run: RunFolder, meta: DatasetMeta, shared: list
                     "units": [{"unit": u, "classes": c, "shard": os.path.basename(run.unit_shard(u)),
                                "count": ipc * len(c)} for u, c in enumerate(units)]},
                    "distilled", "_info.json")
-    return {"units_run": results, "units_total": len(units), "workers": workers}
+    return {"units_run": results, "units_total": len(units), "workers": workers, "requeued": requeued}
+
+
+def _dispatch(actors: list, units: list[list[int]], todo: deque, shared: list
+              ) -> tuple[list[dict], list[int]]:
+    """Hand queued units to free actors until all are done; returns (summaries, units queued again)."""
+    in_flight: dict = {}
+    failures = {id(a): 0 for a in actors}
+    results: list[dict] = []
+    requeued: list[int] = []
+
+    def submit(actor) -> None:
+        unit = todo.popleft()
+        in_flight[actor.run_unit.remote(unit, units[unit], shared)] = (actor, unit)
+
+    for actor in actors:
+        if todo:
+            submit(actor)
+    with tqdm(total=len(todo) + len(in_flight), desc="synthesis units", unit="unit") as bar:
+        while in_flight:
+            metrics.units_progress(len(results), len(todo), len(in_flight))
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            actor, unit = in_flight.pop(done[0])
+            try:
+                results.append(ray.get(done[0]))
+                bar.update(1)
+            except ray.exceptions.RayActorError as err:
+                todo.append(unit)  # redone by a live actor (or this one once Ray restarted it)
+                requeued.append(unit)
+                failures[id(actor)] += 1
+                print(f"[synthesis] unit {unit} lost with its actor ({type(err).__name__}); queued again",
+                      flush=True)
+                if failures[id(actor)] > MAX_ACTOR_RESTARTS:
+                    actor = None  # restarts used up: this actor takes no more work
+            if todo and actor is not None:
+                submit(actor)
+    if todo:
+        raise RuntimeError(f"every synthesis actor died; units {sorted(todo)} were not synthesised. "
+                           "Re-run the job: finished units are kept and skipped.")
+    metrics.units_progress(len(results), 0, 0)
+    return results, requeued

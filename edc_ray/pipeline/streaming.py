@@ -1,0 +1,82 @@
+"""Streaming the real shards inside Ray Train workers: split by rank (node) and by dataloader worker.
+
+Validation streams each rank's share of the shards and sums (correct, total) across ranks, so the
+result equals a single-process pass. Training streams too, with a step count per epoch that every
+rank can reach (computed from the shard counts in `_info.json`), so DDP never waits on a rank that
+ran out of data.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+
+from edc_ray.storage.shards import iter_samples, read_info, shard_urls
+
+
+class RankSplitter:
+    """A webdataset node splitter: shard i goes to rank i mod world (picklable for dataloader workers)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
+        for i, shard in enumerate(shards):
+            if i % self.world == self.rank:
+                yield shard
+
+
+class ShardStream(IterableDataset):
+    """(image, label) pairs of this rank's shards, split again across dataloader workers.
+
+    With `shuffle` > 0 the shard order is permuted by `seed` (the same on every rank, so the split
+    stays a partition) and samples pass through a shuffle buffer of that size.
+    """
+
+    def __init__(self, urls: list[str], counts: dict[str, int], rank: int, world: int,
+                 shuffle: int = 0, seed: int = 0):
+        self.urls, self.counts, self.rank, self.world = urls, counts, rank, world
+        self.shuffle, self.seed = shuffle, seed
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        urls = self.urls
+        if self.shuffle:
+            urls = [urls[i] for i in torch.randperm(len(urls), generator=generator).tolist()]
+        samples = ((image, label) for _, image, label in iter_samples(
+            urls, expected_counts=self.counts, nodesplitter=RankSplitter(self.rank, self.world),
+            workersplitter=wds.split_by_worker))
+        yield from shuffled(samples, self.shuffle, generator) if self.shuffle else samples
+
+
+def shuffled(items: Iterable, buffer_size: int, generator: torch.Generator) -> Iterator:
+    """Yield `items` through a shuffle buffer: each output is a random pick among the buffered ones."""
+    buffer: list = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= buffer_size:
+            yield buffer.pop(int(torch.randint(len(buffer), (), generator=generator)))
+    while buffer:
+        yield buffer.pop(int(torch.randint(len(buffer), (), generator=generator)))
+
+
+def split_stream(root: str, split: str, rank: int, world: int, batch_size: int, workers: int = 0,
+                 shuffle: int = 0, seed: int = 0) -> DataLoader:
+    """Batches of (uint8 images, labels) from this rank's share of a split's shards."""
+    info = read_info(root)
+    urls = shard_urls(root, info, split)
+    counts = dict(zip(urls, info.splits[split].shard_counts))
+    return DataLoader(ShardStream(urls, counts, rank, world, shuffle, seed), batch_size=batch_size,
+                      num_workers=workers)
+
+
+def rank_sample_counts(shard_counts: Sequence[int], world: int) -> list[int]:
+    """Samples each rank reads when shard i goes to rank i mod world."""
+    return [sum(shard_counts[r::world]) for r in range(world)]
+
+
+def steps_every_rank_can_take(shard_counts: Sequence[int], world: int, batch_size: int) -> int:
+    """Full batches per epoch that the rank with the fewest samples can still fill (at least 1)."""
+    return max(1, min(rank_sample_counts(shard_counts, world)) // batch_size)

@@ -1,0 +1,130 @@
+"""Fault tolerance of the synthesis stage, resume, metrics, and untrusted weights files."""
+import os
+import pickle
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+import ray
+import torch
+
+from edc_ray.algo.condense import CandidatePool, accumulate_statistics
+from edc_ray.config import Config, ObserverSpec, StatisticsConfig
+from edc_ray.pipeline.common import DatasetMeta, build_model, observer_payload
+from edc_ray.pipeline.observers import observers_stage
+from edc_ray.pipeline.statistics import pool_to_dict
+from edc_ray.pipeline.synthesis import synthesis_stage
+from edc_ray.storage.run_folder import RunFolder
+from tiny import MEAN, STD, make_tiny
+
+pytestmark = pytest.mark.slow
+META = DatasetMeta(4, 1, 12, tuple(MEAN), tuple(STD))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def metrics_port():
+    port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=port)
+    yield port
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared(metrics_port):
+    """Observers, statistic sums and candidates of a 4-class tiny set, put into the object store once."""
+    images, labels = make_tiny(num_classes=4, per_class=8)
+    torch.manual_seed(0)
+    model = build_model("convnet_d2", META).eval()  # untrained: the stage's mechanics do not care
+    sums = accumulate_statistics(model, [(images, labels)], 4, StatisticsConfig(patch_size=4), MEAN, STD)
+    pool = CandidatePool([str(i) for i in range(len(images))], labels,
+                         torch.rand(len(images), dtype=torch.float64), torch.rand(len(images)), images)
+    return [ray.put(observer_payload("convnet_d2", model)), ray.put([sums.state_dict()]),
+            ray.put(pool_to_dict(pool))]
+
+
+def config(iterations: int = 250) -> Config:
+    cfg = Config()
+    cfg.observers.models = [ObserverSpec("convnet_d2")]
+    cfg.statistics = StatisticsConfig(patch_size=4)
+    cfg.synthesis.ipc, cfg.synthesis.classes_per_unit, cfg.synthesis.iterations = 2, 1, iterations
+    cfg.ray.synthesis_actors, cfg.ray.actor_cpus = 2, 0.5
+    return cfg
+
+
+def shards(folder) -> dict[str, bytes]:
+    path = os.path.join(folder, "distilled")
+    return {n: open(os.path.join(path, n), "rb").read() for n in sorted(os.listdir(path)) if n.endswith(".tar")}
+
+
+def test_killed_actor_unit_is_redone_and_output_is_identical(shared, tmp_path):
+    reference = synthesis_stage(config(), RunFolder(str(tmp_path / "ref")), META, shared)
+    assert sorted(r["unit"] for r in reference["units_run"]) == [0, 1, 2, 3]
+
+    outcome = {}
+    stage = threading.Thread(target=lambda: outcome.update(
+        synthesis_stage(config(), RunFolder(str(tmp_path / "killed")), META, shared)))
+    stage.start()
+    # Once a first shard is committed, each actor is busy with its second unit: kill one of them then.
+    distilled, deadline = tmp_path / "killed" / "distilled", time.time() + 120
+    while time.time() < deadline and not (distilled.exists() and any(distilled.glob("unit-*.tar"))):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    ray.kill(ray.get_actor("SynthesisWorker-0"), no_restart=False)
+    stage.join(timeout=300)
+    assert not stage.is_alive()
+    assert outcome["requeued"], "the kill did not hit a running unit"
+    assert sorted(r["unit"] for r in outcome["units_run"]) == [0, 1, 2, 3]  # each exactly once
+    assert shards(tmp_path / "killed") == shards(tmp_path / "ref")
+
+
+def test_rerun_redoes_only_missing_or_torn_units(shared, tmp_path):
+    folder = tmp_path / "run"
+    synthesis_stage(config(50), RunFolder(str(folder)), META, shared)
+    complete = shards(folder)
+    os.remove(folder / "distilled" / "unit-00001.tar")
+    torn = folder / "distilled" / "unit-00002.tar"
+    torn.write_bytes(complete["unit-00002.tar"][:700])  # a cut copy
+    again = synthesis_stage(config(50), RunFolder(str(folder)), META, shared)
+    assert sorted(r["unit"] for r in again["units_run"]) == [1, 2]
+    assert shards(folder) == complete
+    assert synthesis_stage(config(50), RunFolder(str(folder)), META, shared)["units_run"] == []
+
+
+def test_progress_metrics_reach_the_metrics_endpoint(shared, metrics_port, tmp_path):
+    synthesis_stage(config(20), RunFolder(str(tmp_path / "m")), META, shared)
+    wanted = ("ray_edc_synthesis_units", "ray_edc_synthesis_images", "ray_edc_synthesis_loss")
+    text, deadline = "", time.time() + 60
+    while time.time() < deadline and not all(w in text for w in wanted):
+        time.sleep(2)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    for name in wanted:
+        assert name in text, name
+    assert 'state="done"' in text and 'actor="SynthesisWorker-0"' in text
+
+
+class Exploit:
+    """A pickle whose loading would create a file: the marker of code execution."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_observer_weights_do_not_execute(tmp_path):
+    marker, weights = tmp_path / "pwned", tmp_path / "observer.pt"
+    weights.write_bytes(pickle.dumps({"features.0.0.weight": Exploit(str(marker))}))
+    cfg = config()
+    cfg.observers.models = [ObserverSpec("convnet_d2", weights=str(weights))]
+    with pytest.raises(pickle.UnpicklingError, match="observer.pt"):
+        observers_stage(cfg, RunFolder(str(tmp_path / "run")), META)
+    assert not marker.exists()
