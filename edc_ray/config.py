@@ -267,11 +267,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     """Load a YAML config (or the defaults), apply `key=value` overrides, validate, and return it."""
     data: dict = {}
     if path is not None:
-        import fsspec
+        from edc_ray.storage import fsio
 
         try:
-            with fsspec.open(path, "r") as f:
-                data = yaml.safe_load(f) or {}
+            data = yaml.safe_load(fsio.read_bytes(path)) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path!r} does not exist") from None
         if not isinstance(data, dict):

@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from edc_ray.storage import fsio
+
 
 def rank_and_world() -> tuple[int, int]:
     """(world rank, world size) of this Ray Train worker; also quiets Ray Train's per-report log lines."""
@@ -23,11 +25,6 @@ def rank_share(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return indices[rank::world]
 
 
-def equal_steps(num_samples: int, batch_size: int, world: int) -> int:
-    """Steps per epoch that every rank can take (DDP hangs if ranks take different numbers of steps)."""
-    return max(1, num_samples // max(batch_size, world))
-
-
 def all_reduce_counts(correct: int, total: int) -> tuple[int, int]:
     """Sum (correct, total) over all ranks (a no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
@@ -37,14 +34,13 @@ def all_reduce_counts(correct: int, total: int) -> tuple[int, int]:
     return correct, total
 
 
-def storage_path(url: str) -> str:
-    """Ray Train's `storage_path`: absolute for local folders, unchanged for URLs."""
-    return url if "://" in url else os.path.abspath(url)
-
-
 def fit_torch_trainer(loop: Callable[[dict], None], config: dict, name: str, storage: str,
                       workers: int, use_gpu: bool, cpus_per_worker: float, max_failures: int = 0):
-    """Run `loop` on `workers` Ray Train workers (DDP) and return the `Result`."""
+    """Run `loop` on `workers` Ray Train workers (DDP) and return the `Result`.
+
+    `storage` (a local folder or an s3:// URL) receives checkpoints and metrics through the same
+    filesystem as the rest of the run folder.
+    """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -54,12 +50,13 @@ def fit_torch_trainer(loop: Callable[[dict], None], config: dict, name: str, sto
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every print shows twice
 
+    filesystem, path = fsio.arrow_filesystem(storage)
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_path(storage),
+        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     return trainer.fit()

@@ -10,16 +10,34 @@ import importlib
 import json
 import os
 import uuid
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+S3_PROTOCOLS = ("s3", "s3a")
+
+
+def _storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for ``url``: S3 listings are never cached.
+
+    s3fs caches directory listings per process and answers ``exists``/``info``/``open`` from them, so a
+    driver that once listed ``<run>/distilled`` would not see the shards Ray workers wrote there since.
+    Endpoint and credentials are deliberately absent: botocore reads them from the standard AWS chain
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``~/.aws``, instance roles), in every process alike, and
+    nothing secret ends up in a pickled filesystem.
+    """
+    protocol, _ = fsspec.core.split_protocol(url)
+    return {"use_listings_cache": False} if protocol in S3_PROTOCOLS else {}
+
 
 def _fs(url: str) -> tuple[AbstractFileSystem, str]:
     """The filesystem for ``url`` and the path inside it."""
-    return fsspec.core.url_to_fs(url)
+    return fsspec.core.url_to_fs(url, **_storage_options(url))
 
 
 def join(root: str, *parts: str) -> str:
@@ -32,9 +50,23 @@ def join(root: str, *parts: str) -> str:
 
 
 def absolute(url: str) -> str:
-    """``url`` with a relative local path made absolute (Ray workers do not share the driver's cwd); URLs as is."""
+    """Local paths made absolute (Ray workers run in other folders); URLs unchanged."""
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
+
+
+def arrow_filesystem(url: str) -> tuple[pyarrow.fs.FileSystem | None, str]:
+    """``url`` as pyarrow sees it (Ray Train's ``storage_filesystem`` and ``storage_path``).
+
+    Local paths give ``(None, absolute path)``, so that pyarrow picks its own local filesystem. URLs give
+    the fsspec filesystem that every other read and write uses, wrapped for pyarrow, and the path without
+    the scheme: checkpoints then reach S3 through the same endpoint and credential chain as the shards.
+    """
+    if "://" not in url:
+        return None, absolute(url)
+    import pyarrow.fs  # only Ray Train needs it; pyarrow is slow to import
+
     fs, path = _fs(url)
-    return path if isinstance(fs, LocalFileSystem) and "://" not in url else url
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
 
 
 def basename(url: str) -> str:
@@ -76,9 +108,14 @@ def list_dirs(url_dir: str) -> list[str]:
     return sorted(basename(e["name"]) for e in entries if e["type"] == "directory")
 
 
-def open_file(url: str, mode: str = "rb", compression: str | None = None) -> IO[bytes]:
-    """Open ``url`` as a file object (use as a context manager); ``compression="gzip"`` decompresses on the fly."""
-    return fsspec.open(url, mode, compression=compression).open()
+def open_file(url: str, compression: str | None = None) -> IO[bytes]:
+    """Open ``url`` for reading (use as a context manager); ``compression="gzip"`` decompresses on the fly.
+
+    There is no write mode on purpose: fsspec commits a remote file on ``close()`` even when the writer
+    failed halfway, so every write goes through :func:`atomic_write_bytes`.
+    """
+    fs, path = _fs(url)
+    return fs.open(path, "rb", compression=compression)
 
 
 def remove(url: str) -> None:
@@ -118,8 +155,10 @@ def atomic_write_json(url: str, obj: Any) -> None:
 
 
 def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
-    """A webdataset ``gopen`` handler that opens any fsspec URL (``bufsize`` is webdataset's, unused)."""
-    return fsspec.open(url, mode, **kw).open()
+    """A webdataset ``gopen`` handler that reads any fsspec URL (``bufsize`` and ``kw`` are webdataset's, unused)."""
+    if mode != "rb":
+        raise ValueError(f"cannot open {url} with mode {mode!r} through webdataset: write shards with write_shard")
+    return open_file(url)
 
 
 def register_wds_fsspec_opener() -> None:
@@ -133,8 +172,3 @@ def register_wds_fsspec_opener() -> None:
     schemes = importlib.import_module("webdataset.gopen").gopen_schemes
     for scheme in fsspec.available_protocols():
         schemes.setdefault(scheme, _fsspec_gopen)
-
-
-def absolute(url: str) -> str:
-    """Local paths made absolute (Ray workers run in other folders); URLs unchanged."""
-    return url if "://" in url else os.path.abspath(os.path.expanduser(url))

@@ -105,7 +105,7 @@ def read_idx(url: str, magic: int, limit: int | None = None) -> np.ndarray:
     ``magic`` is 2051 for an images file (N x rows x cols) and 2049 for a labels file (N); ``limit`` reads
     only the first items.
     """
-    with fsio.open_file(url, "rb", compression="gzip" if url.endswith(".gz") else None) as f:
+    with fsio.open_file(url, compression="gzip" if url.endswith(".gz") else None) as f:
         found = int.from_bytes(f.read(4), "big")
         if found != magic:
             raise ValueError(f"{url}: idx magic number {found}, expected {magic} (2051: images, 2049: labels)")
