@@ -50,7 +50,7 @@ def shared(metrics_port):
             ray.put(pool_to_dict(pool))]
 
 
-def config(iterations: int = 250) -> Config:
+def config(iterations: int = 1000) -> Config:
     cfg = Config()
     cfg.observers.models = [ObserverSpec("convnet_d2")]
     cfg.statistics = StatisticsConfig(patch_size=4)
@@ -72,11 +72,12 @@ def test_killed_actor_unit_is_redone_and_output_is_identical(shared, tmp_path):
     stage = threading.Thread(target=lambda: outcome.update(
         synthesis_stage(config(), RunFolder(str(tmp_path / "killed")), META, shared)))
     stage.start()
-    # Once a first shard is committed, each actor is busy with its second unit: kill one of them then.
-    distilled, deadline = tmp_path / "killed" / "distilled", time.time() + 120
-    while time.time() < deadline and not (distilled.exists() and any(distilled.glob("unit-*.tar"))):
-        time.sleep(0.05)
-    time.sleep(0.5)
+    # Unit 0 goes to SynthesisWorker-0; once its shard is committed, that actor is busy with its
+    # second unit (about a second of work): kill it then.
+    first, deadline = tmp_path / "killed" / "distilled" / "unit-00000.tar", time.time() + 120
+    while time.time() < deadline and not first.exists():
+        time.sleep(0.02)
+    time.sleep(0.2)
     ray.kill(ray.get_actor("SynthesisWorker-0"), no_restart=False)
     stage.join(timeout=300)
     assert not stage.is_alive()

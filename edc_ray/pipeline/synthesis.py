@@ -42,6 +42,7 @@ def unit_complete(url: str, expected: int) -> bool:
 
 
 MAX_ACTOR_RESTARTS = 2
+RESTART_GRACE_S = 2.0  # a dead actor's pause before it is offered work again (Ray restarts it meanwhile)
 
 
 @ray.remote
@@ -124,39 +125,50 @@ def synthesis_stage(cfg: Config, run: RunFolder, meta: DatasetMeta, shared: list
 
 def _dispatch(actors: list, units: list[list[int]], todo: deque, shared: list
               ) -> tuple[list[dict], list[int]]:
-    """Hand queued units to free actors until all are done; returns (summaries, units queued again)."""
+    """Hand queued units to free actors until all are done; returns (summaries, units queued again).
+
+    A unit whose actor died goes back to the queue and to the next free actor; the dead actor rests
+    for `RESTART_GRACE_S` while Ray restarts it and counts a death (calls refused while it is
+    restarting do not count). After `MAX_ACTOR_RESTARTS` deaths it takes no more work.
+    """
     in_flight: dict = {}
-    failures = {id(a): 0 for a in actors}
+    free = deque(actors)
+    resting: dict = {}  # actor -> time it may take work again
+    deaths = {id(a): 0 for a in actors}
     results: list[dict] = []
     requeued: list[int] = []
-
-    def submit(actor) -> None:
-        unit = todo.popleft()
-        in_flight[actor.run_unit.remote(unit, units[unit], shared)] = (actor, unit)
-
-    for actor in actors:
-        if todo:
-            submit(actor)
-    with tqdm(total=len(todo) + len(in_flight), desc="synthesis units", unit="unit") as bar:
-        while in_flight:
+    with tqdm(total=len(todo), desc="synthesis units", unit="unit") as bar:
+        while todo or in_flight:
+            now = time.monotonic()
+            for actor in [a for a, t in resting.items() if t <= now]:
+                del resting[actor]
+                free.append(actor)
+            while todo and free:
+                actor, unit = free.popleft(), todo.popleft()
+                in_flight[actor.run_unit.remote(unit, units[unit], shared)] = (actor, unit)
             metrics.units_progress(len(results), len(todo), len(in_flight))
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+            if not in_flight:
+                if not resting:
+                    raise RuntimeError(f"every synthesis actor died; units {sorted(todo)} were not "
+                                       "synthesised. Re-run the job: finished units are kept and skipped.")
+                time.sleep(0.2)
+                continue
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            if not done:
+                continue
             actor, unit = in_flight.pop(done[0])
             try:
                 results.append(ray.get(done[0]))
+                free.append(actor)
                 bar.update(1)
             except ray.exceptions.RayActorError as err:
-                todo.append(unit)  # redone by a live actor (or this one once Ray restarted it)
+                todo.append(unit)
                 requeued.append(unit)
-                failures[id(actor)] += 1
                 print(f"[synthesis] unit {unit} lost with its actor ({type(err).__name__}); queued again",
                       flush=True)
-                if failures[id(actor)] > MAX_ACTOR_RESTARTS:
-                    actor = None  # restarts used up: this actor takes no more work
-            if todo and actor is not None:
-                submit(actor)
-    if todo:
-        raise RuntimeError(f"every synthesis actor died; units {sorted(todo)} were not synthesised. "
-                           "Re-run the job: finished units are kept and skipped.")
+                if not isinstance(err, ray.exceptions.ActorUnavailableError):
+                    deaths[id(actor)] += 1
+                if deaths[id(actor)] <= MAX_ACTOR_RESTARTS:
+                    resting[actor] = time.monotonic() + RESTART_GRACE_S
     metrics.units_progress(len(results), 0, 0)
     return results, requeued
