@@ -56,7 +56,8 @@ class CandidatePool:
     images: torch.Tensor  # (n, C, H, W) uint8
 
 
-def _bottom_k(pool: CandidatePool, k: int) -> CandidatePool:
+def bottom_k(pool: CandidatePool, k: int) -> CandidatePool:
+    """The `k` samples of lowest priority per class: a uniform random sample, in pool order."""
     keep = []
     for c in torch.unique(pool.labels).tolist():
         idx = torch.nonzero(pool.labels == c).flatten()
@@ -71,7 +72,7 @@ def candidate_pool(models: Sequence[nn.Module], images: torch.Tensor, labels: to
                    std: Sequence[float], device: torch.device | str = "cpu") -> CandidatePool:
     """Sample `per_class` images per class (mergeable across shards) and score them with the ensemble."""
     priorities = torch.tensor([sample_priority(k, seed) for k in keys], dtype=torch.float64)
-    pool = _bottom_k(CandidatePool(list(keys), labels.long(), priorities,
+    pool = bottom_k(CandidatePool(list(keys), labels.long(), priorities,
                                    torch.zeros(len(keys)), images), per_class)
     x = normalize(pool.images.to(device), mean, std)
     pool.losses = candidate_losses(models, x, pool.labels.to(device)).cpu()
@@ -83,7 +84,7 @@ def merge_candidate_pools(pools: Sequence[CandidatePool], per_class: int) -> Can
     merged = CandidatePool([k for p in pools for k in p.keys], torch.cat([p.labels for p in pools]),
                            torch.cat([p.priorities for p in pools]), torch.cat([p.losses for p in pools]),
                            torch.cat([p.images for p in pools]))
-    return _bottom_k(merged, per_class)
+    return bottom_k(merged, per_class)
 
 
 def initial_images(pool: CandidatePool, classes: Sequence[int], ipc: int, cfg: Config,

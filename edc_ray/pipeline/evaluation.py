@@ -13,6 +13,7 @@ import tempfile
 
 import torch
 
+from edc_ray.algo.condense import CandidatePool, bottom_k
 from edc_ray.algo.student import StudentTrainer, epoch_batches
 from edc_ray.config import Config, EvaluationConfig, from_dict, to_dict
 from edc_ray.pipeline import metrics
@@ -124,16 +125,11 @@ def train_student_loop(config: dict) -> None:
         state = None
 
 
-def random_subset_shard(run: RunFolder, pool_images: torch.Tensor, pool_labels: torch.Tensor,
-                        priorities: torch.Tensor, ipc: int) -> str:
+def random_subset_shard(run: RunFolder, pool: CandidatePool, ipc: int) -> str:
     """Write IPC random real images per class (the lowest sampling priorities: a uniform sample)."""
-    picks = []
-    for c in torch.unique(pool_labels).tolist():
-        idx = torch.nonzero(pool_labels == c).flatten()
-        picks.append(idx[torch.sort(priorities[idx], stable=True).indices[:ipc]])
-    chosen = torch.cat(picks)
-    samples = [{"__key__": f"random-{i:05d}", "png": encode_png(pool_images[j].permute(1, 2, 0).numpy()),
-                "cls": int(pool_labels[j])} for i, j in enumerate(chosen.tolist())]
+    subset = bottom_k(pool, ipc)
+    samples = [{"__key__": f"random-{i:05d}", "png": encode_png(image.permute(1, 2, 0).numpy()),
+                "cls": int(label)} for i, (image, label) in enumerate(zip(subset.images, subset.labels))]
     url = run.path("baseline", f"random-ipc{ipc}.tar")
     write_shard(url, samples)
     return url

@@ -103,8 +103,7 @@ def run_pipeline(cfg: Config) -> dict:
             evaluation = []
             baseline = None
             if cfg.evaluation.random_baseline:
-                baseline = random_subset_shard(run, pool.images, pool.labels, pool.priorities,
-                                               cfg.synthesis.ipc)
+                baseline = random_subset_shard(run, pool, cfg.synthesis.ipc)
             for student in cfg.evaluation.students:
                 evaluation.append(evaluate_set(cfg, run, meta, observer_refs, "distilled", distilled_urls,
                                                student))
