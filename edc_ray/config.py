@@ -4,6 +4,11 @@
 
 Unknown keys, wrong types and out-of-range values raise `ConfigError` before any work starts; the
 message names the dotted path, the bad value and what is allowed.
+
+Layers, lowest first: the dataclass defaults; the method preset's `defaults`
+(`edc_ray/presets/method/<method>.yaml`); the evaluation protocol preset
+(`edc_ray/presets/protocol/<protocol>.yaml`); the YAML file; the `--set` overrides; and last the method
+preset's `fixed` keys, the choices that define the method (e.g. RDED does not optimise), which always win.
 """
 from __future__ import annotations
 
@@ -97,12 +102,15 @@ class SynthesisConfig:
     flatness_weight: float = 0.25
     flatness_beta: float = 0.99
     flatness_tau: float = 4.0
+    observers: list[int] | None = None  # observer indices synthesis (and mosaic scoring) uses (None: all)
+    match: list[Literal["bn", "conv", "patch"]] = field(default_factory=lambda: ["bn", "conv", "patch"])
 
 
 @dataclass
 class EvaluationConfig:
     """Student post-training on the distilled set (METHOD.md 1.6)."""
 
+    protocol: Literal["edc", "sre2l", "rded"] = "edc"  # preset of the fields below (presets/protocol)
     students: list[str] = field(default_factory=lambda: ["convnet"])
     teachers: list[int] | None = None  # observer indices used as soft-label teachers (None: all)
     epochs: int = 300
@@ -153,7 +161,7 @@ class OutputConfig:
 class Config:
     """The whole pipeline's configuration."""
 
-    method: Literal["edc"] = "edc"
+    method: Literal["edc", "gvbsm", "sre2l", "rded", "random"] = "edc"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = field(default_factory=DataConfig)
@@ -198,6 +206,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, path)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_type, value_type = args or (Any, Any)
+        return {_convert(k, key_type, f"{path} key {k!r}"): _convert(v, value_type, f"{path}.{k}")
+                for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
@@ -277,9 +291,44 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
     for assignment in overrides:
         apply_override(data, assignment)
-    cfg = from_dict(Config, data)
+    cfg = from_dict(Config, with_presets(data))
     validate(cfg)
     return cfg
+
+
+METHODS = typing.get_args(typing.get_type_hints(Config)["method"])
+PROTOCOLS = typing.get_args(typing.get_type_hints(EvaluationConfig)["protocol"])
+
+
+def preset(kind: str, name: str) -> dict:
+    """The preset YAML `edc_ray/presets/<kind>/<name>.yaml` as a mapping."""
+    from importlib import resources
+
+    text = resources.files("edc_ray").joinpath("presets", kind, f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """`base` updated by `top`, recursively for nested mappings (neither is modified)."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def with_presets(data: dict) -> dict:
+    """`data` (YAML + overrides) layered over its method and protocol presets (see the module doc)."""
+    method = data.get("method", "edc")
+    evaluation = data.get("evaluation") if isinstance(data.get("evaluation"), dict) else {}
+    protocol = evaluation.get("protocol", "edc")
+    _check(method in METHODS, "method", method, f"choose one of {', '.join(METHODS)}")
+    _check(protocol in PROTOCOLS, "evaluation.protocol", protocol, f"choose one of {', '.join(PROTOCOLS)}")
+    method_preset = preset("method", method)
+    merged = deep_merge(deep_merge(method_preset.get("defaults", {}), preset("protocol", protocol)), data)
+    return deep_merge(merged, method_preset.get("fixed", {}))
 
 
 def dump_config(cfg: Config) -> str:
@@ -315,6 +364,16 @@ def validate(cfg: Config) -> None:
         _check(value >= 0, f"synthesis.{name}", value, "must be >= 0")
     _check(all(0 <= b < 1 for b in s.betas), "synthesis.betas", s.betas, "each beta must be in [0, 1)")
     _check(len(o.models) >= 1, "observers.models", o.models, "give at least one observer")
+    for k, index in enumerate(s.observers or []):
+        _check(0 <= index < len(o.models), f"synthesis.observers[{k}]", index,
+               f"must index observers.models (0..{len(o.models) - 1})")
+    _check(s.observers is None or len(s.observers) >= 1, "synthesis.observers", s.observers,
+           "give at least one observer index, or null for all")
+    accumulated = {"bn": st.bn, "conv": st.conv, "patch": st.patch and st.conv}
+    for kind in s.match:
+        _check(accumulated[kind], "synthesis.match", s.match,
+               f"{kind!r} statistics are not accumulated (statistics.{'conv' if kind == 'patch' else kind}"
+               f"{' and statistics.patch' if kind == 'patch' else ''} must be true)")
     for k, spec in enumerate(o.models):
         _check(is_model(spec.arch), f"observers.models[{k}].arch", spec.arch, _known_archs())
     for k, student in enumerate(e.students):

@@ -9,25 +9,18 @@ Writes the run folder named by `output.run_dir` (report.json, report.md, preview
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from edc_ray.config import ConfigError, load_config
+from edc_ray.cli import add_config_arguments, config_from_arguments
 from edc_ray.pipeline.run import run_pipeline
-
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Condense a labelled image dataset (EDC on Ray).")
-    parser.add_argument("--config", default=DEMO_CONFIG, help="YAML config (default: configs/demo.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set synthesis.iterations=200 (repeatable)")
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    cfg = config_from_arguments(args)
+    if cfg is None:
         return 2
     report = run_pipeline(cfg)
     print(f"\nrun folder: {report['run_dir']}")

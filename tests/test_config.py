@@ -5,12 +5,15 @@ import os
 import pytest
 import yaml
 
+from edc_ray.benchmarks.grid import cell_config, cells, load_grid
 from edc_ray.config import Config, ConfigError, dump_config, load_config
 from edc_ray.pipeline.run import prepare_data
 from edc_ray.storage.prepare import prepare_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+ALL_YAML = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+GRIDS = [p for p in ALL_YAML if "datasets" in (yaml.safe_load(open(p)) or {})]  # benchmark grids
+CONFIGS = [p for p in ALL_YAML if p not in GRIDS]
 
 
 def write(tmp_path, data) -> str:
@@ -31,6 +34,13 @@ def test_defaults_and_round_trip(tmp_path):
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.synthesis.ipc >= 1
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=[os.path.relpath(p, REPO) for p in GRIDS])
+def test_every_shipped_grid_gives_valid_cell_configs(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # grids name their base configs relative to the repository root
+    grid = load_grid(path)
+    assert all(cell_config(grid, cell).synthesis.ipc == cell.ipc for cell in cells(grid))
 
 
 def test_overrides_apply_on_top_of_the_file(tmp_path):

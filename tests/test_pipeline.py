@@ -35,8 +35,9 @@ def tiny_imagefolder(tmp_path_factory):
     return str(root)
 
 
-def tiny_config(src: str, data_root: str, run_dir: str, evaluate: bool = True):
-    overrides = [
+def tiny_overrides(src: str, data_root: str, run_dir: str, evaluate: bool = True) -> list[str]:
+    """The tiny pipeline's settings as `--set` overrides."""
+    return [
         f"data.root={data_root}", "data.source=imagefolder", f"data.src={src}", "data.shard_size=25",
         "observers.models=[{arch: convnet_d2}]", "observers.epochs=2", "observers.batch_size=16",
         "observers.crop_padding=0", "observers.flip=false",
@@ -48,7 +49,10 @@ def tiny_config(src: str, data_root: str, run_dir: str, evaluate: bool = True):
         "ray.synthesis_actors=2", "ray.actor_cpus=0.5", "ray.train_workers=2",
         "ray.train_worker_cpus=0.5", "ray.stats_tasks=2", f"output.run_dir={run_dir}",
     ]
-    return load_config(None, overrides)
+
+
+def tiny_config(src: str, data_root: str, run_dir: str, evaluate: bool = True):
+    return load_config(None, tiny_overrides(src, data_root, run_dir, evaluate))
 
 
 def shard_bytes(run_dir: str) -> dict[str, bytes]:

@@ -18,7 +18,7 @@ from torch import nn
 from edc_ray.algo.init import candidate_losses, mosaic_init, noise_init, sample_priority
 from edc_ray.algo.stats import ClassStatSums, StatisticHooks, compute_targets, hooked_layers
 from edc_ray.algo.student import denormalize_to_uint8, normalize
-from edc_ray.algo.synthesis import Observer, clamp_bounds, synthesize_unit
+from edc_ray.algo.synthesis import Observer, clamp_bounds, restrict_matching, synthesize_unit
 from edc_ray.config import Config, StatisticsConfig
 
 
@@ -130,14 +130,19 @@ def unit_seed(run_seed: int, unit: int) -> int:
 
 
 def build_observers(models: Sequence[nn.Module], sums: Sequence[ClassStatSums], cfg: StatisticsConfig,
-                    device: torch.device | str = "cpu") -> list[Observer]:
-    """Observers with hooks and targets computed from their statistic sums."""
+                    device: torch.device | str = "cpu", match: Sequence[str] = ("bn", "conv", "patch"),
+                    select: Sequence[int] | None = None) -> list[Observer]:
+    """Observers with hooks and targets computed from their statistic sums.
+
+    `select` picks observers by index (None: all); `match` keeps only those statistic kinds of the
+    accumulated ones ("bn", "conv", "patch"), so one statistics pass serves every method.
+    """
     observers = []
-    for model, s in zip(models, sums):
-        model.to(device)
+    for k in range(len(models)) if select is None else select:
+        model = models[k].to(device)
         layers = observer_layers(model, cfg)
-        targets = [t.to(device) for t in compute_targets(s, layers)]
-        observers.append(Observer(model, layers, targets))
+        targets = [t.to(device) for t in compute_targets(sums[k], layers)]
+        observers.append(restrict_matching(Observer(model, layers, targets), match))
     return observers
 
 
@@ -168,7 +173,8 @@ def condense(models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Te
     keys = [str(i) for i in range(len(images))]
     pool = candidate_pool(models, images, labels, keys, cfg.init.candidates_per_class, cfg.seed,
                           mean, std, device)
-    observers = build_observers(models, sums, cfg.statistics, device)
+    observers = build_observers(models, sums, cfg.statistics, device, cfg.synthesis.match,
+                                cfg.synthesis.observers)
     outs = [synthesize_class_unit(u, classes, observers, pool, cfg, mean, std, device)
             for u, classes in enumerate(make_units(num_classes, cfg.synthesis.classes_per_unit))]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

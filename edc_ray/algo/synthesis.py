@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -27,6 +27,25 @@ class Observer:
         if len(self.layers) != len(self.targets):
             raise ValueError(f"{len(self.layers)} hooked layers but {len(self.targets)} targets")
         self.model.eval().requires_grad_(False)
+
+
+PATCH_KEYS = ("patch_mean", "patch_var")
+
+
+def restrict_matching(observer: Observer, match: Sequence[str]) -> Observer:
+    """The same observer matching only the statistic kinds in `match` ("bn", "conv", "patch")."""
+    layers, targets = [], []
+    for layer, target in zip(observer.layers, observer.targets):
+        if layer.kind not in match:
+            continue
+        if layer.patch is not None and "patch" not in match:
+            layer = replace(layer, patch=None)
+            target = LayerTargets(target.kind,
+                                  {k: v for k, v in target.global_.items() if k not in PATCH_KEYS},
+                                  {k: v for k, v in target.per_class.items() if k not in PATCH_KEYS})
+        layers.append(layer)
+        targets.append(target)
+    return Observer(observer.model, layers, targets)
 
 
 @dataclass

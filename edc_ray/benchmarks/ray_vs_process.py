@@ -53,7 +53,8 @@ def run_in_process(cfg: Config, meta: DatasetMeta, models: list, sums: list, poo
     """All units one after another in this process (torch uses 2 threads)."""
     torch.set_num_threads(2)
     start = time.perf_counter()
-    observers = build_observers([m for _, m in models], sums, cfg.statistics)
+    observers = build_observers([m for _, m in models], sums, cfg.statistics, "cpu", cfg.synthesis.match,
+                                cfg.synthesis.observers)
     run = RunFolder(folder)
     for unit, classes in enumerate(make_units(meta.num_classes, cfg.synthesis.classes_per_unit)):
         images, labels, _ = synthesize_class_unit(unit, classes, observers, pool, cfg, meta.mean, meta.std)

@@ -1,4 +1,5 @@
-"""The stage pipeline: prepare -> observers -> statistics + candidates -> synthesis -> evaluation -> report.
+"""The stage pipeline: prepare -> observers -> statistics + candidates -> synthesis -> export -> evaluation
+-> report.
 
 Every stage writes into the run folder and skips what is already complete there, so running the
 same config again resumes. Ray calls stay in the stage modules; this file only sequences them.
@@ -6,12 +7,13 @@ same config again resumes. Ray calls stay in the stage modules; this file only s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from typing import Iterator
 
 import ray
 
-from edc_ray.config import Config, ConfigError, dump_config
+from edc_ray.config import Config, ConfigError, dump_config, to_dict
 from edc_ray.pipeline.common import DatasetMeta, observer_payload
 from edc_ray.pipeline.evaluation import evaluate_set, load_images, random_subset_shard
 from edc_ray.pipeline.observers import observer_names, observers_stage
@@ -19,6 +21,7 @@ from edc_ray.pipeline.report import config_hash, write_report
 from edc_ray.pipeline.statistics import pool_to_dict, statistics_stage
 from edc_ray.pipeline.synthesis import synthesis_stage
 from edc_ray.storage import fsio
+from edc_ray.storage.export import export_imagefolder, imagefolder_shard
 from edc_ray.storage.prepare import ensure_prepared
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import DatasetInfo, read_info
@@ -76,8 +79,22 @@ def absolute_paths(cfg: Config) -> None:
         spec.weights = spec.weights and fsio.absolute(spec.weights)
 
 
-def run_pipeline(cfg: Config) -> dict:
-    """Run (or resume) the whole condensation for `cfg`; returns the report."""
+@dataclasses.dataclass
+class Session:
+    """What every entry point has once the data is prepared and the observers are in the object store."""
+
+    cfg: Config
+    info: DatasetInfo
+    meta: DatasetMeta
+    run: RunFolder
+    stage: StageTimer
+    names: list[str]
+    observer_refs: list
+
+
+@contextlib.contextmanager
+def session(cfg: Config) -> Iterator[Session]:
+    """Prepare the data, write the resolved config, start Ray and load (or train) the observers."""
     absolute_paths(cfg)
     stage = StageTimer()
     with stage("prepare"):
@@ -89,34 +106,71 @@ def run_pipeline(cfg: Config) -> dict:
     try:
         with stage("observers"):
             observers = observers_stage(cfg, run, meta)
-        names = observer_names(cfg)
-        observer_refs = [ray.put(observer_payload(arch, model)) for arch, model in observers]  # once
+        refs = [ray.put(observer_payload(arch, model)) for arch, model in observers]  # once
+        yield Session(cfg, info, meta, run, stage, observer_names(cfg), refs)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def teacher_spec(s: Session) -> dict:
+    """How to reproduce our soft labels elsewhere: the teachers, the normalisation and the protocol."""
+    teachers = s.cfg.evaluation.teachers
+    indices = range(len(s.names)) if teachers is None else teachers
+    return {"soft_labels": "online: mean of the teachers' logits on every augmented batch (METHOD.md 1.5)",
+            "teachers": [{"name": s.names[i], "arch": s.cfg.observers.models[i].arch,
+                          "weights": s.run.path("observers", f"{s.names[i]}.pt")} for i in indices],
+            "classes": s.info.classes, "mean": list(s.meta.mean), "std": list(s.meta.std),
+            "image_size": s.meta.image_size, "channels": s.meta.channels,
+            "evaluation": to_dict(s.cfg.evaluation)}
+
+
+def export_stage(s: Session, urls: list[str]) -> str:
+    """The distilled set as an ImageFolder of PNGs plus `teachers.json` (written last: the marker)."""
+    if not s.run.exists("export", "teachers.json"):
+        export_imagefolder(urls, s.info.classes, s.run.path("export", "images"))
+        s.run.write_json(teacher_spec(s), "export", "teachers.json")
+    return s.run.path("export")
+
+
+def run_pipeline(cfg: Config) -> dict:
+    """Run (or resume) the whole condensation for `cfg`; returns the report."""
+    with session(cfg) as s:
+        run, meta, stage = s.run, s.meta, s.stage
         with stage("statistics"):
-            sums, pool = statistics_stage(cfg, run, meta, observer_refs, names)
-        shared = observer_refs + [ray.put([s.state_dict() for s in sums]), ray.put(pool_to_dict(pool))]
+            sums, pool = statistics_stage(cfg, run, meta, s.observer_refs, s.names)
         with stage("synthesis"):
             start = time.perf_counter()
-            synthesis = synthesis_stage(cfg, run, meta, shared)
+            if cfg.method == "random":  # the method is the baseline: nothing to synthesise
+                distilled_urls = [random_subset_shard(run, pool, cfg.synthesis.ipc)]
+                synthesis = {"units_total": 1, "units_run": [], "workers": []}
+            else:
+                shared = s.observer_refs + [ray.put([x.state_dict() for x in sums]), ray.put(pool_to_dict(pool))]
+                synthesis = synthesis_stage(cfg, run, meta, shared)
+                distilled_urls = [run.unit_shard(u) for u in range(synthesis["units_total"])]
             synthesis_seconds = time.perf_counter() - start
-        distilled_urls = [run.unit_shard(u) for u in range(synthesis["units_total"])]
+        with stage("export"):
+            export_stage(s, distilled_urls)
         with stage("evaluation"):
             evaluation = []
             baseline = None
-            if cfg.evaluation.random_baseline:
+            if cfg.evaluation.random_baseline and cfg.method != "random":
                 baseline = random_subset_shard(run, pool, cfg.synthesis.ipc)
             for student in cfg.evaluation.students:
-                evaluation.append(evaluate_set(cfg, run, meta, observer_refs, "distilled", distilled_urls,
+                evaluation.append(evaluate_set(cfg, run, meta, s.observer_refs, "distilled", distilled_urls,
                                                student))
                 if baseline is not None:
-                    evaluation.append(evaluate_set(cfg, run, meta, observer_refs, "random", [baseline],
+                    evaluation.append(evaluate_set(cfg, run, meta, s.observer_refs, "random", [baseline],
                                                    student))
         with stage("report"):
             images, labels = load_images(distilled_urls)
             report = {
-                "dataset": info.name, "method": cfg.method, "ipc": cfg.synthesis.ipc, "run_dir": run.root,
+                "dataset": s.info.name, "method": cfg.method, "protocol": cfg.evaluation.protocol,
+                "ipc": cfg.synthesis.ipc, "run_dir": run.root,
                 "config_hash": config_hash(cfg), "num_classes": meta.num_classes,
-                "observers": [{"name": n, **run.read_json("observers", f"{n}.json")} for n in names],
+                "observers": [{"name": n, **run.read_json("observers", f"{n}.json")} for n in s.names],
                 "evaluation": evaluation,
+                "export": run.path("export"),
                 "synthesis": {"images": len(images), "seconds": synthesis_seconds,
                               "images_per_s": len(images) / max(synthesis_seconds, 1e-9),
                               "units_total": synthesis["units_total"],
@@ -127,6 +181,17 @@ def run_pipeline(cfg: Config) -> dict:
             report["stage_seconds"] = dict(stage.seconds)  # the report stage itself is not in it
             write_report(run, report, images, labels)
         return report
-    finally:
-        if started:
-            ray.shutdown()
+
+
+def evaluate_imagefolder(cfg: Config, src: str, label: str = "imported") -> list[dict]:
+    """Evaluate an ImageFolder distilled set (made by any tool) with our protocol and observers."""
+    with session(cfg) as s:
+        url = s.run.path("imported", f"{label}.tar")
+        with s.stage("import"):
+            count = imagefolder_shard(src, url, s.meta.channels, s.meta.image_size, s.meta.num_classes)
+            print(f"[edc-ray] {count} images from {src}", flush=True)
+        with s.stage("evaluation"):
+            results = [evaluate_set(cfg, s.run, s.meta, s.observer_refs, label, [url], student)
+                       for student in cfg.evaluation.students]
+        s.run.write_json({"source": src, "images": count, "evaluation": results}, "imported", f"{label}.json")
+        return results

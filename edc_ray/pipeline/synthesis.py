@@ -68,7 +68,8 @@ class SynthesisWorker:
             observer_refs, sums_ref, pool_ref = shared[:-2], shared[-2], shared[-1]
             models = [model_from_payload(ray.get(ref), self.meta, self.device) for ref in observer_refs]
             sums = [ClassStatSums.from_state_dict(s) for s in ray.get(sums_ref)]
-            self.observers = build_observers(models, sums, self.cfg.statistics, self.device)
+            self.observers = build_observers(models, sums, self.cfg.statistics, self.device,
+                                             self.cfg.synthesis.match, self.cfg.synthesis.observers)
             self.pool = pool_from_dict(ray.get(pool_ref))
             self.ref_ids = [ref.hex() for ref in shared]
         return {"name": self.name, "pid": os.getpid(), "device": str(self.device), "ref_ids": self.ref_ids}

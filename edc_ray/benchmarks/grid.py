@@ -1,0 +1,220 @@
+"""The benchmark grid: datasets x methods x IPC x variants, each cell a full pipeline run with one
+evaluation protocol and budget, observers and statistics reused across the cells of a dataset.
+
+    grid = load_grid("configs/benchmark/small.yaml")
+    for cell in grid.cells(): run_cell(grid, cell)
+    write_tables(grid)          # <output>/small.md + small.json from every finished cell of the grid
+
+A grid may be run in parts (filters on `cells`); the tables are built from every finished cell found
+under the output folder, so parts merge by themselves.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import yaml
+
+from edc_ray.config import Config, ConfigError, from_dict, load_config, to_dict
+from edc_ray.storage import fsio
+
+SHARED_FILES = {"observers": ("observers",), "statistics": ("stats", "candidates")}
+
+
+@dataclass
+class Grid:
+    """A benchmark grid (see configs/benchmark/*.yaml for the documented keys)."""
+
+    output: str
+    datasets: dict[str, str]  # dataset name -> base config (data, observers, budget)
+    methods: list[str] = field(default_factory=lambda: ["edc", "random", "sre2l", "gvbsm", "rded"])
+    ipc: list[int] = field(default_factory=lambda: [1, 10, 50])
+    students: list[str] = field(default_factory=lambda: ["convnet"])
+    seeds: dict[str, list[int]] = field(default_factory=lambda: {"default": [0]})  # method -> seeds
+    set: list[str] = field(default_factory=list)  # overrides for every cell
+    per_ipc: dict[int, list[str]] = field(default_factory=dict)  # the IPC-dependent part of the budget
+    variants: dict[str, list[str]] = field(default_factory=lambda: {"": []})  # name -> overrides
+    published: dict[str, dict[int, float]] = field(default_factory=dict)  # dataset -> ipc -> top-1
+    published_source: str = ""
+    name: str = ""  # the tables are <output>/<name>.md and .json (default: the grid file's name)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    dataset: str
+    method: str
+    ipc: int
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        """The cell's folder name under `<output>/<dataset>/`."""
+        return f"{self.method}-ipc{self.ipc}" + (f"-{self.variant}" if self.variant else "")
+
+
+def load_grid(path: str) -> Grid:
+    """Read a grid YAML (unknown keys rejected, like the run config)."""
+    data = yaml.safe_load(fsio.read_bytes(path)) or {}
+    grid = from_dict(Grid, data)
+    grid.name = grid.name or fsio.basename(path).rsplit(".", 1)[0]
+    for name, base in grid.datasets.items():
+        if not fsio.exists(base):
+            raise ConfigError(f"datasets.{name}: base config {base!r} does not exist")
+    return grid
+
+
+def cells(grid: Grid, datasets=None, methods=None, ipcs=None, variants=None) -> list[Cell]:
+    """The grid's cells, optionally restricted (None: all); cheap cells first within a dataset."""
+    return [Cell(d, m, k, v) for d in grid.datasets for k in grid.ipc for v in grid.variants
+            for m in grid.methods
+            if (datasets is None or d in datasets) and (methods is None or m in methods)
+            and (ipcs is None or k in ipcs) and (variants is None or v in variants)]
+
+
+def cell_config(grid: Grid, cell: Cell) -> Config:
+    """The cell's resolved config: base config, method, IPC budget, variant, seeds, run folder."""
+    seeds = grid.seeds.get(cell.method, grid.seeds.get("default", [0]))
+    overrides = [f"method={cell.method}", f"synthesis.ipc={cell.ipc}", f"evaluation.seeds={seeds}",
+                 f"evaluation.students={grid.students}", "evaluation.random_baseline=false",
+                 f"output.run_dir={fsio.join(grid.output, cell.dataset, cell.name)}"]
+    overrides += grid.set + grid.per_ipc.get(cell.ipc, []) + grid.variants[cell.variant]
+    return load_config(grid.datasets[cell.dataset], overrides)
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(yaml.safe_dump([to_dict(p) if hasattr(p, "__dataclass_fields__") else p
+                                          for p in parts]).encode()).hexdigest()[:10]
+
+
+def shared_folders(grid: Grid, cfg: Config, dataset: str) -> dict[str, str]:
+    """Where a dataset's observers and statistics are kept for reuse, keyed by what they depend on."""
+    observers = _digest(cfg.data, cfg.observers, cfg.seed)
+    statistics = _digest(observers, cfg.statistics, cfg.init.candidates_per_class)
+    root = fsio.join(grid.output, dataset, "shared")
+    return {"observers": fsio.join(root, f"observers-{observers}"),
+            "statistics": fsio.join(root, f"statistics-{statistics}")}
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    """Copy the files of `src`/<sub> into `dst`/<sub> that `dst` lacks (atomic per file)."""
+    for name in fsio.list_files(src):
+        target = fsio.join(dst, fsio.basename(name))
+        if not fsio.exists(target):
+            fsio.atomic_write_bytes(target, fsio.read_bytes(name))
+
+
+def share(folders: dict[str, str], run_dir: str, observers: int, direction: str) -> None:
+    """`direction` "in": seed the run folder from the shared `folders`; "out": the reverse.
+
+    The pipeline skips stages whose outputs exist, so a seeded cell reuses observers and statistics.
+    Only complete stages are shared: observers when all `observers` json files exist, statistics
+    when the candidate pool (written last) exists.
+    """
+    markers = {"observers": ("observers", "*.json", observers), "statistics": ("candidates", "pool.pt", 1)}
+    for kind, subdirs in SHARED_FILES.items():
+        src_root, dst_root = (folders[kind], run_dir) if direction == "in" else (run_dir, folders[kind])
+        sub, pattern, needed = markers[kind]
+        if len(fsio.list_files(fsio.join(src_root, sub), pattern)) < needed:
+            continue
+        for sub in subdirs:
+            _copy_tree(fsio.join(src_root, sub), fsio.join(dst_root, sub))
+
+
+def run_cell(grid: Grid, cell: Cell) -> dict:
+    """Run one cell (resuming or skipping it when its report exists); returns its result row."""
+    from edc_ray.pipeline.run import run_pipeline
+
+    cfg = cell_config(grid, cell)
+    report_url = fsio.join(cfg.output.run_dir, "report.json")
+    if not fsio.exists(report_url):
+        folders, run_dir = shared_folders(grid, cfg, cell.dataset), cfg.output.run_dir
+        share(folders, run_dir, len(cfg.observers.models), "in")
+        start = time.perf_counter()
+        report = run_pipeline(cfg)
+        report["cell_seconds"] = time.perf_counter() - start
+        fsio.atomic_write_json(report_url, report)
+        share(folders, run_dir, len(cfg.observers.models), "out")
+    return result_row(cell, fsio.read_json(report_url))
+
+
+def result_row(cell: Cell, report: dict) -> dict:
+    """The figures of one finished cell."""
+    return {"dataset": cell.dataset, "method": cell.method, "ipc": cell.ipc, "variant": cell.variant,
+            "students": {row["student"]: {k: row[k] for k in ("final_top1", "final_top1_std", "best_top1",
+                                                             "epochs", "per_seed")}
+                         for row in report["evaluation"] if row["set"] == "distilled"},
+            "observers": {o["name"]: o.get("top1") for o in report["observers"]},
+            "stage_seconds": report["stage_seconds"], "cell_seconds": report.get("cell_seconds"),
+            "run_dir": report["run_dir"]}
+
+
+def finished_rows(grid: Grid) -> list[dict]:
+    """Result rows of every cell of the grid that has a report (whichever part ran it)."""
+    rows = []
+    for cell in cells(grid):
+        url = fsio.join(grid.output, cell.dataset, cell.name, "report.json")
+        if fsio.exists(url):
+            rows.append(result_row(cell, fsio.read_json(url)))
+    return rows
+
+
+def _fmt(entry: dict | None) -> str:
+    if entry is None:
+        return "-"
+    n = len(entry["per_seed"])
+    return f"{entry['final_top1']:.2f} ± {entry['final_top1_std']:.2f} ({n})" if n > 1 else \
+        f"{entry['final_top1']:.2f} (1)"
+
+
+def markdown_tables(grid: Grid, rows: list[dict]) -> str:
+    """Accuracy table (mean ± std over seeds, n seeds) with the published numbers, and wall times."""
+    index = {(r["dataset"], r["ipc"], r["variant"], r["method"]): r for r in rows}
+    budget = {k: " ".join(v) for k, v in grid.per_ipc.items()}
+    lines = ["| dataset | IPC | variant | student | " + " | ".join(grid.methods) +
+             " | published | EDC best of ours | EDC - published |",
+             "|---|---|---|---|" + "---|" * (len(grid.methods) + 3)]
+    for d in grid.datasets:
+        for k in grid.ipc:
+            for v in grid.variants:
+                for s in grid.students:
+                    entries = {m: index.get((d, k, v, m), {}).get("students", {}).get(s)
+                               for m in grid.methods}
+                    if not any(entries.values()):
+                        continue
+                    pub = grid.published.get(d, {}).get(k)
+                    edc = entries.get("edc")
+                    others = [e["final_top1"] for m, e in entries.items() if m != "edc" and e]
+                    best = "-" if not edc or not others else (
+                        "yes" if edc["final_top1"] > max(others) else "**no**")
+                    gap = "-" if not edc or pub is None else f"{edc['final_top1'] - pub:+.2f}"
+                    lines.append(f"| {d} | {k} | {v or '-'} | {s} | " +
+                                 " | ".join(_fmt(entries[m]) for m in grid.methods) +
+                                 f" | {pub if pub is not None else '-'} | {best} | {gap} |")
+    lines += ["", "Wall time per cell (s: whole pipeline; observers/statistics are 0 where reused):", "",
+              "| dataset | IPC | variant | method | observers | statistics | synthesis | evaluation | total |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        st = r["stage_seconds"]
+        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['variant'] or '-'} | {r['method']} | "
+                     f"{st.get('observers', 0):.0f} | {st.get('statistics', 0):.0f} | "
+                     f"{st.get('synthesis', 0):.0f} | {st.get('evaluation', 0):.0f} | "
+                     f"{(r['cell_seconds'] or math.nan):.0f} |")
+    if budget:
+        lines += ["", "Per-IPC budget: " + "; ".join(f"IPC {k}: `{v}`" for k, v in budget.items())]
+    if grid.published_source:
+        lines += ["", f"Published: {grid.published_source}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(grid: Grid) -> tuple[str, str]:
+    """Write `<output>/<name>.md` and `<name>.json` from every finished cell; returns their URLs."""
+    rows = finished_rows(grid)
+    md, js = (fsio.join(grid.output, f"{grid.name}.{ext}") for ext in ("md", "json"))
+    fsio.atomic_write_bytes(md, markdown_tables(grid, rows).encode())
+    fsio.atomic_write_json(js, {"grid": to_dict(grid), "cells": rows})
+    return md, js
+

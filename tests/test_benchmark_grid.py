@@ -1,0 +1,76 @@
+"""jobs/benchmark.py and jobs/evaluate.py end to end on the tiny dataset through local Ray: a grid run
+in two parts that merge, observers and statistics computed once, exports evaluated by evaluate.py."""
+import importlib.util
+import json
+import os
+
+import pytest
+import yaml
+
+from edc_ray.config import apply_override
+from edc_ray.storage import fsio
+from edc_ray.storage.shards import iter_samples
+from test_pipeline import ray_local, tiny_imagefolder, tiny_overrides  # noqa: F401 (fixtures, used by name)
+
+pytestmark = pytest.mark.slow
+JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
+
+
+def job(name: str):
+    spec = importlib.util.spec_from_file_location(f"job_{name}", os.path.join(JOBS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_grid(tmp_path, src: str) -> str:
+    base: dict = {}
+    for assignment in tiny_overrides(src, str(tmp_path / "data"), str(tmp_path / "unused")):
+        apply_override(base, assignment)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    grid = {"output": str(tmp_path / "bench"), "datasets": {"tiny": str(tmp_path / "base.yaml")},
+            "methods": ["edc", "random", "rded"], "ipc": [2], "students": ["convnet_d2"],
+            "seeds": {"default": [0]}, "published": {"tiny": {2: 50.0}}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    return str(tmp_path / "grid.yaml")
+
+
+def test_grid_in_parts_reuses_observers_and_evaluates_exports(ray_local, tiny_imagefolder, tmp_path):
+    grid = tiny_grid(tmp_path, tiny_imagefolder)
+    benchmark = job("benchmark")
+    assert benchmark.main(["--grid", grid, "--methods", "random", "rded"]) == 0
+    assert benchmark.main(["--grid", grid, "--methods", "edc"]) == 0
+    bench = tmp_path / "bench"
+    # observers trained by the first cell only (Ray Train's observer run folder), then reused
+    trained = [c for c in ("random-ipc2", "rded-ipc2", "edc-ipc2")
+               if (bench / "tiny" / c / "eval" / "observers").exists()]
+    assert trained == ["random-ipc2"]
+    pools = {c: (bench / "tiny" / c / "candidates" / "pool.pt").read_bytes()
+             for c in ("random-ipc2", "rded-ipc2", "edc-ipc2")}
+    assert len(set(pools.values())) == 1
+
+    assert benchmark.main(["--grid", grid, "--table-only"]) == 0
+    results = json.loads((bench / "grid.json").read_text())
+    assert sorted(c["method"] for c in results["cells"]) == ["edc", "random", "rded"]
+    for cell in results["cells"]:
+        top1 = cell["students"]["convnet_d2"]["final_top1"]
+        assert 0.0 <= top1 <= 100.0 and cell["cell_seconds"] > 0
+    row = next(r for r in (bench / "grid.md").read_text().splitlines() if r.startswith("| tiny | 2 |"))
+    assert row.count("(1)") == 3 and "| 50.0 |" in row
+
+    # the export: an ImageFolder of the 6 distilled PNGs plus the teacher spec, evaluated by evaluate.py
+    edc_run = bench / "tiny" / "edc-ipc2"
+    export = edc_run / "export"
+    assert sorted(os.listdir(export / "images")) == ["0-class0", "1-class1", "2-class2"]
+    assert sum(len(os.listdir(export / "images" / d)) for d in os.listdir(export / "images")) == 6
+    spec = json.loads((export / "teachers.json").read_text())
+    assert [t["arch"] for t in spec["teachers"]] == ["convnet_d2"] and fsio.exists(spec["teachers"][0]["weights"])
+    assert spec["evaluation"]["loss"] == "mse_ce"
+    evaluate = job("evaluate")
+    assert evaluate.main(["--images", str(export / "images"), "--config", str(edc_run / "config.yaml"),
+                          "--label", "roundtrip"]) == 0
+    imported = json.loads((edc_run / "imported" / "roundtrip.json").read_text())
+    assert imported["images"] == 6 and 0.0 <= imported["evaluation"][0]["final_top1"] <= 100.0
+    assert len(list(iter_samples([str(edc_run / "imported" / "roundtrip.tar")]))) == 6
+    assert evaluate.main(["--images", str(tmp_path / "missing"), "--config",
+                          str(edc_run / "config.yaml")]) == 2
