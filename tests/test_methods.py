@@ -147,6 +147,7 @@ def test_grid_cells_and_their_configs(tmp_path):
 
 def _row(method, top1, std=0.0, seeds=1):
     return {"dataset": "toy", "ipc": 1, "variant": "", "method": method, "cell_seconds": 3.0,
+            "observers": {"0-convnet_d2": 97.5},
             "stage_seconds": {"synthesis": 1.0},
             "students": {"convnet": {"final_top1": top1, "final_top1_std": std, "best_top1": top1,
                                      "epochs": 1, "per_seed": [{}] * seeds}}}
@@ -157,6 +158,7 @@ def test_results_table_marks_edc_against_ours_and_published(tmp_path):
     table = markdown_tables(grid, [_row("edc", 61.0, 0.5, 3), _row("random", 55.0), _row("rded", 60.0)])
     line = next(r for r in table.splitlines() if r.startswith("| toy | 1 |"))
     assert "61.00 ± 0.50 (3)" in line and "55.00 (1)" in line and "| yes | +11.00 |" in line
+    assert "toy: 0-convnet_d2 97.50" in table
     table = markdown_tables(grid, [_row("edc", 45.0), _row("random", 55.0)])
     assert "| **no** | -5.00 |" in table
 

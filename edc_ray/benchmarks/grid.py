@@ -203,6 +203,10 @@ def markdown_tables(grid: Grid, rows: list[dict]) -> str:
                      f"{st.get('observers', 0):.0f} | {st.get('statistics', 0):.0f} | "
                      f"{st.get('synthesis', 0):.0f} | {st.get('evaluation', 0):.0f} | "
                      f"{(r['cell_seconds'] or math.nan):.0f} |")
+    full = {r["dataset"]: r["observers"] for r in rows}
+    lines += ["", "Full data (the observers' test top-1, trained on the whole train split): " + "; ".join(
+        f"{d}: " + ", ".join(f"{n} {t:.2f}" for n, t in obs.items() if t is not None)
+        for d, obs in full.items())]
     if budget:
         lines += ["", "Per-IPC budget: " + "; ".join(f"IPC {k}: `{v}`" for k, v in budget.items())]
     if grid.published_source:
