@@ -45,7 +45,7 @@ def ray_head(tmp_path_factory):
          f"--temp-dir={temp_dir}"],
         env=env, cwd=tmp_path_factory.mktemp("head"), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a loaded 2-core machine can take minutes to start a head
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)

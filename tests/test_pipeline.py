@@ -90,7 +90,11 @@ def test_pipeline_end_to_end(ray_local, tiny_imagefolder, tmp_path):
     for row in rows.values():
         assert 0.0 <= row["final_top1"] <= 100.0 and row["final_top1"] <= row["best_top1"]
         assert row["images"] == 6 and [r["seed"] for r in row["per_seed"]] == [0, 1]
-    assert set(report["stage_seconds"]) == {"prepare", "observers", "statistics", "synthesis", "evaluation"}
+    assert set(report["stage_seconds"]) == {"prepare", "observers", "statistics", "synthesis", "export",
+                                            "evaluation"}
+    exported = sorted(os.listdir(os.path.join(run_dir, "export", "images")))
+    assert exported == ["0-class0", "1-class1", "2-class2"]
+    assert sum(len(os.listdir(os.path.join(run_dir, "export", "images", d))) for d in exported) == 6
     assert 0.0 <= report["observers"][0]["top1"] <= 100.0
     on_disk = run.read_json("report.json")
     assert on_disk["evaluation"] == report["evaluation"]
