@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if todo:
         start_ray(configs[0])  # one Ray instance for every cell
-    for n, cell in enumerate(todo, 1):
+    for n, (cell, cfg) in enumerate(zip(todo, configs), 1):
         print(f"[benchmark] cell {n}/{len(todo)}: {cell.dataset} {cell.name}", flush=True)
-        run_cell(grid, cell)
+        run_cell(grid, cell, cfg)
         write_tables(grid)  # the table grows as cells finish
     md, _ = write_tables(grid)
     print(fsio.read_bytes(md).decode())

@@ -2,7 +2,7 @@
 evaluation protocol and budget, observers and statistics reused across the cells of a dataset.
 
     grid = load_grid("configs/benchmark/small.yaml")
-    for cell in grid.cells(): run_cell(grid, cell)
+    for cell in cells(grid): run_cell(grid, cell, cell_config(grid, cell))
     write_tables(grid)          # <output>/small.md + small.json from every finished cell of the grid
 
 A grid may be run in parts (filters on `cells`); the tables are built from every finished cell found
@@ -20,7 +20,10 @@ import yaml
 from edc_ray.config import Config, ConfigError, from_dict, load_config, to_dict
 from edc_ray.storage import fsio
 
-SHARED_FILES = {"observers": ("observers",), "statistics": ("stats", "candidates")}
+# What is shared per kind: its folders, and the files that mark it complete (folder, pattern, count;
+# a count of None means one per observer).
+SHARED = {"observers": (("observers",), ("observers", "*.json", None)),
+          "statistics": (("stats", "candidates"), ("candidates", "pool.pt", 1))}
 
 
 @dataclass
@@ -114,31 +117,28 @@ def share(folders: dict[str, str], run_dir: str, observers: int, direction: str)
     Only complete stages are shared: observers when all `observers` json files exist, statistics
     when the candidate pool (written last) exists.
     """
-    markers = {"observers": ("observers", "*.json", observers), "statistics": ("candidates", "pool.pt", 1)}
-    for kind, subdirs in SHARED_FILES.items():
+    for kind, (subdirs, (sub, pattern, needed)) in SHARED.items():
         src_root, dst_root = (folders[kind], run_dir) if direction == "in" else (run_dir, folders[kind])
-        sub, pattern, needed = markers[kind]
-        if len(fsio.list_files(fsio.join(src_root, sub), pattern)) < needed:
+        if len(fsio.list_files(fsio.join(src_root, sub), pattern)) < (needed or observers):
             continue
         for sub in subdirs:
             _copy_tree(fsio.join(src_root, sub), fsio.join(dst_root, sub))
 
 
-def run_cell(grid: Grid, cell: Cell) -> dict:
-    """Run one cell (resuming or skipping it when its report exists); returns its result row."""
+def run_cell(grid: Grid, cell: Cell, cfg: Config) -> None:
+    """Run one cell with its config `cell_config(grid, cell)`, unless its report exists already."""
     from edc_ray.pipeline.run import run_pipeline
 
-    cfg = cell_config(grid, cell)
     report_url = fsio.join(cfg.output.run_dir, "report.json")
-    if not fsio.exists(report_url):
-        folders, run_dir = shared_folders(grid, cfg, cell.dataset), cfg.output.run_dir
-        share(folders, run_dir, len(cfg.observers.models), "in")
-        start = time.perf_counter()
-        report = run_pipeline(cfg)
-        report["cell_seconds"] = time.perf_counter() - start
-        fsio.atomic_write_json(report_url, report)
-        share(folders, run_dir, len(cfg.observers.models), "out")
-    return result_row(cell, fsio.read_json(report_url))
+    if fsio.exists(report_url):
+        return
+    folders, run_dir = shared_folders(grid, cfg, cell.dataset), cfg.output.run_dir
+    share(folders, run_dir, len(cfg.observers.models), "in")
+    start = time.perf_counter()
+    report = run_pipeline(cfg)
+    report["cell_seconds"] = time.perf_counter() - start
+    fsio.atomic_write_json(report_url, report)
+    share(folders, run_dir, len(cfg.observers.models), "out")
 
 
 def result_row(cell: Cell, report: dict) -> dict:

@@ -9,16 +9,13 @@ An ImageFolder made by any tool (e.g. for DD-Ranking) converts back into one Web
 """
 from __future__ import annotations
 
-import io
 import re
 
 import numpy as np
-from PIL import Image
 
 from edc_ray.storage import fsio
 from edc_ray.storage.shards import encode_png, iter_samples, write_shard
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+from edc_ray.storage.sources import CHANNEL_MODES, class_files, read_image
 
 
 def safe_name(name: str) -> str:
@@ -41,34 +38,30 @@ def export_imagefolder(urls: list[str], classes: list[str], dest: str) -> int:
     return count
 
 
-def read_imagefolder(src: str, channels: int, image_size: int) -> list[tuple[str, np.ndarray, int]]:
-    """(key, HxWxC uint8 image, label) of an ImageFolder whose sorted class folders are the labels.
+def read_imagefolder(src: str, channels: int, image_size: int) -> list[tuple[np.ndarray, int]]:
+    """(HxWxC uint8 image, label) of an ImageFolder whose sorted class folders are the labels.
 
     Raises ValueError naming the file when an image does not have the dataset's size.
     """
-    folders = sorted(fsio.list_dirs(src))
-    if not folders:
+    classes = fsio.list_dirs(src)
+    if not classes:
         raise ValueError(f"{src!r} has no class folders; expected <src>/<class>/<image>.png")
     samples = []
-    mode = "L" if channels == 1 else "RGB"
-    for label, folder in enumerate(folders):
-        for url in (u for u in fsio.list_files(fsio.join(src, folder)) if u.lower().endswith(IMAGE_SUFFIXES)):
-            with Image.open(io.BytesIO(fsio.read_bytes(url))) as image:
-                array = np.asarray(image.convert(mode))
-            if array.shape[:2] != (image_size, image_size):
-                raise ValueError(f"{url}: image is {array.shape[1]}x{array.shape[0]}, the dataset's are "
-                                 f"{image_size}x{image_size}")
-            samples.append((f"{folder}/{fsio.basename(url)}", array.reshape(image_size, image_size, channels),
-                            label))
+    for url, label in class_files(src, classes):
+        array = read_image(url, CHANNEL_MODES[channels])
+        if array.shape[:2] != (image_size, image_size):
+            raise ValueError(f"{url}: image is {array.shape[1]}x{array.shape[0]}, the dataset's are "
+                             f"{image_size}x{image_size}")
+        samples.append((array.reshape(image_size, image_size, channels), label))
     return samples
 
 
 def imagefolder_shard(src: str, dest_url: str, channels: int, image_size: int, num_classes: int) -> int:
     """Convert the ImageFolder at `src` into one WebDataset shard at `dest_url`; returns the count."""
     samples = read_imagefolder(src, channels, image_size)
-    labels = {label for _, _, label in samples}
+    labels = {label for _, label in samples}
     if len(labels) != num_classes:
         raise ValueError(f"{src!r} has {len(labels)} class folders with images; the dataset has "
                          f"{num_classes} classes")
     return write_shard(dest_url, [{"__key__": f"img-{i:06d}", "png": encode_png(image), "cls": label}
-                                  for i, (_, image, label) in enumerate(samples)])
+                                  for i, (image, label) in enumerate(samples)])

@@ -213,7 +213,7 @@ def open_cifar100(src: str | None) -> Source:
     return _open_cifar(CIFAR100, src)
 
 
-def _read_image(url: str, mode: str) -> np.ndarray:
+def read_image(url: str, mode: str) -> np.ndarray:
     """An image file as a uint8 array in PIL ``mode`` ("L" -> HxW, "RGB" -> HxWx3)."""
     with fsio.open_file(url) as f, Image.open(f) as image:
         return np.asarray(image.convert(mode), dtype=np.uint8)
@@ -223,6 +223,12 @@ def _is_gray(url: str) -> bool:
     """Whether the image file at ``url`` is grayscale (reads the header only)."""
     with fsio.open_file(url) as f, Image.open(f) as image:
         return image.mode in GRAY_MODES
+
+
+def class_files(root: str, classes: list[str]) -> list[tuple[str, int]]:
+    """(url, label) of the image files in ``<root>/<class>/``, the label being the class's index."""
+    return [(url, label) for label, name in enumerate(classes)
+            for url in fsio.list_files(fsio.join(root, name)) if url.lower().endswith(IMAGE_EXTENSIONS)]
 
 
 def open_imagefolder(src: str | None, channels: int | None = None) -> Source:
@@ -237,15 +243,7 @@ def open_imagefolder(src: str | None, channels: int | None = None) -> Source:
     if not splits:
         raise ValueError(f"imagefolder {src!r} has none of the split folders {list(FOLDER_SPLITS)}")
     classes = sorted({name for split in splits for name in fsio.list_dirs(fsio.join(src, split))})
-    files = {
-        split: [
-            (url, label)
-            for label, name in enumerate(classes)
-            for url in fsio.list_files(fsio.join(src, split, name))
-            if url.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-        for split in splits
-    }
+    files = {split: class_files(fsio.join(src, split), classes) for split in splits}
     if channels is None:
         channels = 1 if all(_is_gray(url) for items in files.values() for url, _ in items) else 3
     if channels not in CHANNEL_MODES:
@@ -255,7 +253,7 @@ def open_imagefolder(src: str | None, channels: int | None = None) -> Source:
     def samples() -> Iterator[Sample]:
         for split, items in files.items():
             for url, label in items:
-                yield split, _read_image(url, mode), label
+                yield split, read_image(url, mode), label
 
     return Source(fsio.basename(src), classes, {split: len(items) for split, items in files.items()}, samples)
 
