@@ -78,6 +78,9 @@ class InitConfig:
 
     mode: Literal["real", "mosaic", "noise"] = "real"
     candidates_per_class: int = 300
+    # real init samples each class's ipc images, distinct, from the lowest-loss `pool_fraction` of its
+    # scored candidates (never fewer than ipc); 0 keeps exactly the ipc lowest-loss ones.
+    pool_fraction: float = 0.0
     factor: int = 2  # f: mosaics are f x f crops
     crops_per_image: int = 4
     shuffle_patches: bool = False
@@ -93,6 +96,7 @@ class SynthesisConfig:
     lr: float = 0.05
     betas: tuple[float, float] = (0.5, 0.9)
     min_scale: float = 0.5  # RandomResizedCrop scale lower bound
+    jitter: int = 0  # SRe2L: shift each image circularly by up to this many pixels before the crop
     flip: bool = True
     ce_weight: float = 1.0
     r: float = 0.01  # matching weight
@@ -357,6 +361,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= s.stat_momentum < 1.0, "synthesis.stat_momentum", s.stat_momentum, "must be in [0, 1)")
     _check(0.0 <= s.flatness_beta < 1.0, "synthesis.flatness_beta", s.flatness_beta, "must be in [0, 1)")
     _check(0.0 < s.min_scale <= 1.0, "synthesis.min_scale", s.min_scale, "must be in (0, 1]")
+    _check(s.jitter >= 0, "synthesis.jitter", s.jitter, "must be >= 0 (pixels)")
     _check(s.lr > 0, "synthesis.lr", s.lr, "must be > 0")
     _check(s.flatness_tau > 0, "synthesis.flatness_tau", s.flatness_tau, "must be > 0")
     for name in ("r", "ce_weight", "flatness_weight", "first_layer_weight"):
@@ -385,6 +390,7 @@ def validate(cfg: Config) -> None:
     _check(o.batch_size >= 1, "observers.batch_size", o.batch_size, "must be >= 1")
     _check(st.patch_size >= 1, "statistics.patch_size", st.patch_size, "must be >= 1")
     _check(i.candidates_per_class >= 1, "init.candidates_per_class", i.candidates_per_class, "must be >= 1")
+    _check(0.0 <= i.pool_fraction <= 1.0, "init.pool_fraction", i.pool_fraction, "must be in [0, 1]")
     _check(i.factor >= 1, "init.factor", i.factor, "must be >= 1")
     _check(i.crops_per_image >= 1, "init.crops_per_image", i.crops_per_image, "must be >= 1")
     _check(e.epochs >= 1, "evaluation.epochs", e.epochs, "must be >= 1")

@@ -2,7 +2,8 @@
 import torch
 
 from edc_ray.algo.augment import (apply_crops, crop_thetas, cutmix, random_crop_thetas,
-                                  random_resized_crop_flip, random_shift_flip, rrc_boxes)
+                                  random_resized_crop_flip, random_roll_offsets, random_shift_flip,
+                                  roll_images, rrc_boxes)
 
 
 def test_full_box_without_flip_is_identity():
@@ -71,3 +72,19 @@ def test_cutmix_pastes_a_box_and_reports_the_kept_area():
             if perm[i] != i:
                 assert abs(own - lam) < 1e-6
             assert 0.0 <= lam <= 1.0
+
+
+def test_roll_images_matches_torch_roll_per_image_and_passes_gradients():
+    x = torch.arange(2 * 1 * 3 * 4, dtype=torch.float32).reshape(2, 1, 3, 4).requires_grad_(True)
+    offsets = torch.tensor([[1, -1], [0, 2]])
+    out = roll_images(x, offsets)
+    assert torch.equal(out[0], torch.roll(x[0], shifts=(1, -1), dims=(1, 2)))
+    assert torch.equal(out[1], torch.roll(x[1], shifts=(0, 2), dims=(1, 2)))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # a permutation: every pixel used once
+
+
+def test_random_roll_offsets_stay_within_jitter():
+    offsets = random_roll_offsets(500, 3, torch.Generator().manual_seed(0))
+    assert offsets.shape == (500, 2)
+    assert int(offsets.min()) == -3 and int(offsets.max()) == 3

@@ -353,6 +353,35 @@ def test_atomic_write_leaves_no_temp_file_and_nothing_on_failure(
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.json"]
 
 
+@pytest.mark.parametrize("error, failures, outcome, calls_expected", [
+    (ConnectionResetError("connection reset by peer"), 2, None, 3),  # transient: retried, then written
+    (ConnectionRefusedError("connection refused"), 99, ConnectionRefusedError, fsio.PUT_ATTEMPTS),
+    (PermissionError("access denied"), 99, PermissionError, 1),  # not transient: no retry
+])
+def test_object_store_put_retries_only_transient_errors(monkeypatch, error, failures, outcome,
+                                                       calls_expected) -> None:
+    from fsspec.implementations.memory import MemoryFileSystem
+    monkeypatch.setattr(fsio, "PUT_BACKOFF_S", 0.0)
+    real_pipe, calls = MemoryFileSystem.pipe_file, []
+
+    def flaky(self, path, value, **kwargs):
+        calls.append(path)
+        if len(calls) <= failures:
+            raise error
+        return real_pipe(self, path, value, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", flaky)
+    url = f"memory://retry-{uuid.uuid4().hex}/a.bin"
+    if outcome is None:
+        fsio.atomic_write_bytes(url, b"data")
+        assert fsio.read_bytes(url) == b"data"
+    else:
+        with pytest.raises(outcome):
+            fsio.atomic_write_bytes(url, b"data")
+        assert not fsio.exists(url)
+    assert len(calls) == calls_expected
+
+
 def test_real_mnist_header_parses() -> None:
     if not MNIST.is_dir():
         pytest.skip(f"{MNIST} not present")

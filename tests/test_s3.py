@@ -3,7 +3,6 @@ import io
 import pickle
 import tarfile
 import threading
-import time
 
 import pytest
 import ray

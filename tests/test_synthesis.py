@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from edc_ray.algo.condense import (accumulate_statistics, build_observers, candidate_pool, condense,
-                                   initial_images, make_units, merge_candidate_pools,
+                                   initial_images, make_units, merge_candidate_pools, real_init_positions,
                                    synthesize_class_unit, unit_seed)
 from edc_ray.algo.student import normalize
 from edc_ray.algo.synthesis import layer_weights, matching_loss
@@ -71,6 +71,31 @@ def test_real_init_picks_distinct_lowest_loss_candidates(tiny):
     assert torch.allclose(x[:4], expected)
 
 
+def test_real_init_samples_distinct_images_from_the_low_loss_fraction(tiny):
+    images, labels, models = tiny
+    cfg = _cfg(ipc=3)
+    cfg.init.pool_fraction = 0.5
+    pool = candidate_pool(models, images, labels, [str(i) for i in range(len(images))], 10, 0, MEAN, STD)
+    sorted0 = pool.images[pool.labels == 0][torch.argsort(pool.losses[pool.labels == 0])]
+    low_half = {tuple(normalize(img[None], MEAN, STD).flatten().tolist()) for img in sorted0[:5]}
+    picks = []
+    for seed in range(4):
+        x, _ = initial_images(pool, [0], 3, cfg, models, MEAN, STD, torch.Generator().manual_seed(seed))
+        picked = {tuple(img.flatten().tolist()) for img in x}
+        assert len(picked) == 3 and picked <= low_half  # distinct, all from the 5 lowest of 10
+        picks.append(picked)
+    assert len({frozenset(p) for p in picks}) > 1  # the sample depends on the unit's generator
+
+
+def test_real_init_positions_hand_cases():
+    g = torch.Generator().manual_seed(0)
+    assert real_init_positions(10, 4, 0.0, g).tolist() == [0, 1, 2, 3]
+    assert real_init_positions(3, 5, 0.5, g).tolist() == [0, 1, 2, 0, 1]  # fewer than ipc: cycled
+    sample = real_init_positions(300, 10, 0.5, g)
+    assert len(set(sample.tolist())) == 10 and int(sample.max()) < 150
+    assert sample.tolist() == sorted(sample.tolist())
+
+
 def test_synthesis_lowers_matching_loss_changes_images_and_is_deterministic(tiny):
     images, labels, models = tiny
     cfg = _cfg()
@@ -92,6 +117,18 @@ def test_synthesis_lowers_matching_loss_changes_images_and_is_deterministic(tiny
         assert after < before, (c.init.mode, before, after)
         assert not torch.equal(normalize(out, MEAN, STD), start)
         assert len(history) == 30 and {"ce", "match", "flat", "loss"} <= set(history[0])
+
+
+def test_jitter_changes_the_optimised_views_deterministically(tiny):
+    images, labels, models = tiny
+    cfg = _cfg(iterations=5)
+    observers = _observers(images, labels, models, cfg)
+    pool = candidate_pool(models, images, labels, [str(i) for i in range(len(images))], 10, 0, MEAN, STD)
+    plain, _, _ = synthesize_class_unit(0, [0, 1], observers, pool, cfg, MEAN, STD)
+    cfg.synthesis.jitter = 2
+    jittered, _, _ = synthesize_class_unit(0, [0, 1], observers, pool, cfg, MEAN, STD)
+    again, _, _ = synthesize_class_unit(0, [0, 1], observers, pool, cfg, MEAN, STD)
+    assert torch.equal(jittered, again) and not torch.equal(jittered, plain)
 
 
 def test_condense_api_end_to_end(tiny):

@@ -84,6 +84,24 @@ def random_shift_flip(x: torch.Tensor, padding: int, flip: bool = True,
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
+def random_roll_offsets(n: int, jitter: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-image (dy, dx) shifts, each uniform in [-jitter, jitter] (SRe2L's jitter)."""
+    return torch.randint(-jitter, jitter + 1, (n, 2), generator=generator)
+
+
+def roll_images(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Circularly shift image i of `x` (N, C, H, W) by offsets[i] = (dy, dx), as torch.roll would.
+
+    A gather, so it is differentiable and every image gets its own shift.
+    """
+    n, c, height, width = x.shape
+    offsets = offsets.to(x.device)
+    rows = (torch.arange(height, device=x.device)[None] - offsets[:, :1]) % height  # (n, H)
+    cols = (torch.arange(width, device=x.device)[None] - offsets[:, 1:]) % width  # (n, W)
+    x = x.gather(2, rows[:, None, :, None].expand(n, c, height, width))
+    return x.gather(3, cols[:, None, None, :].expand(n, c, height, width))
+
+
 def cutmix(x: torch.Tensor, generator: torch.Generator | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """CutMix with lambda ~ Beta(1, 1): paste a box from a permuted batch.

@@ -87,13 +87,27 @@ def merge_candidate_pools(pools: Sequence[CandidatePool], per_class: int) -> Can
     return bottom_k(merged, per_class)
 
 
+def real_init_positions(count: int, ipc: int, pool_fraction: float, generator: torch.Generator
+                        ) -> torch.Tensor:
+    """Positions, in a class's loss-sorted candidates, of its ipc real-init images.
+
+    A uniform sample without replacement from the lowest max(ipc, round(pool_fraction * count)),
+    returned in loss order; cycled when the class has fewer than ipc candidates.
+    """
+    pool = min(count, max(ipc, round(pool_fraction * count)))
+    if pool <= ipc:
+        return torch.arange(ipc) % count
+    return torch.sort(torch.randperm(pool, generator=generator)[:ipc]).values
+
+
 def initial_images(pool: CandidatePool, classes: Sequence[int], ipc: int, cfg: Config,
                    models: Sequence[nn.Module], mean: Sequence[float], std: Sequence[float],
                    generator: torch.Generator, device: torch.device | str = "cpu"
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Starting images (normalised) and labels of a unit, by `cfg.init.mode`.
 
-    real: the ipc lowest-loss distinct candidates of each class (cycled if a class has fewer);
+    real: ipc distinct candidates of each class sampled from its lowest-loss `init.pool_fraction`
+    (exactly the ipc lowest-loss ones at 0; cycled if a class has fewer than ipc);
     mosaic: f x f stitches of the lowest-loss crops; noise: Gaussian noise.
     """
     labels = torch.tensor([c for c in classes for _ in range(ipc)], dtype=torch.long)
@@ -113,7 +127,7 @@ def initial_images(pool: CandidatePool, classes: Sequence[int], ipc: int, cfg: C
             xs.append(mosaics)
         else:
             order = idx[torch.sort(pool.losses[idx], stable=True).indices]
-            picks = order[torch.arange(ipc) % len(order)]
+            picks = order[real_init_positions(len(order), ipc, cfg.init.pool_fraction, generator)]
             xs.append(normalize(pool.images[picks].to(device), mean, std))
     return torch.cat(xs), labels
 

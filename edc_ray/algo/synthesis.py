@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edc_ray.algo.augment import apply_crops, random_crop_thetas
+from edc_ray.algo.augment import apply_crops, random_crop_thetas, random_roll_offsets, roll_images
 from edc_ray.algo.losses import flatness_kl, layer_matching_loss, smoothed_statistic
 from edc_ray.algo.stats import HookedLayer, LayerTargets, StatisticHooks
 from edc_ray.config import SynthesisConfig
@@ -115,13 +115,23 @@ def clamp_bounds(mean: Sequence[float], std: Sequence[float], device: torch.devi
     return (0 - m) / s, (1 - m) / s
 
 
+def augmented(images: torch.Tensor, thetas: torch.Tensor, offsets: torch.Tensor | None
+              ) -> torch.Tensor:
+    """One iteration's view of the images: circular jitter (if `offsets`), then crop + flip.
+
+    Replayable: the flatness term sends the EMA images through the same view.
+    """
+    return apply_crops(images if offsets is None else roll_images(images, offsets), thetas)
+
+
 def synthesize_unit(x_init: torch.Tensor, labels: torch.Tensor, observers: Sequence[Observer],
                     cfg: SynthesisConfig, bounds: tuple[torch.Tensor, torch.Tensor], seed: int,
                     progress: Callable[[int, dict[str, float]], None] | None = None
                     ) -> SynthesisResult:
     """Optimise the pixels of one unit against the observers (round-robin, one per iteration).
 
-    Loss per iteration t with observer k = t mod K on a per-image RandomResizedCrop + flip x~:
+    Loss per iteration t with observer k = t mod K on a per-image RandomResizedCrop + flip x~
+    (after a random circular shift of up to `jitter` pixels when jitter > 0, SRe2L's augmentation):
     ce_weight * CE(phi_k(x~), y) + r * sum_l w_l R_l + flatness_weight * KL(phi_k(x~)/tau || phi_k(x~_ema)/tau);
     Adam(lr, betas) with cosine decay to 0; pixels clamped to the valid range after each step.
     Deterministic for a given `seed` on a given device.
@@ -145,8 +155,9 @@ def synthesize_unit(x_init: torch.Tensor, labels: torch.Tensor, observers: Seque
             for group in optimizer.param_groups:
                 group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * t / cfg.iterations))
             thetas = random_crop_thetas(x, scale, cfg.flip, generator)
+            offsets = random_roll_offsets(len(x), cfg.jitter, generator) if cfg.jitter > 0 else None
             with hooks[k].capture() as records:
-                logits = obs.model(apply_crops(x, thetas))
+                logits = obs.model(augmented(x, thetas, offsets))
             ce = F.cross_entropy(logits, labels)
             reg = matching_regulariser(records, obs, labels, cfg.alpha, cfg.first_layer_weight,
                                        running[k], cfg.stat_momentum)
@@ -154,7 +165,7 @@ def synthesize_unit(x_init: torch.Tensor, labels: torch.Tensor, observers: Seque
             terms = {"ce": ce.item(), "match": reg.item()}
             if cfg.flatness_weight > 0:
                 with torch.no_grad():
-                    ema_logits = obs.model(apply_crops(x_ema, thetas))
+                    ema_logits = obs.model(augmented(x_ema, thetas, offsets))
                 fr = flatness_kl(logits, ema_logits, cfg.flatness_tau)
                 loss = loss + cfg.flatness_weight * fr
                 terms["flat"] = fr.item()

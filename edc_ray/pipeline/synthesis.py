@@ -112,10 +112,12 @@ def synthesis_stage(cfg: Config, run: RunFolder, meta: DatasetMeta, shared: list
                                           num_gpus=cfg.ray.actor_gpus, max_restarts=MAX_ACTOR_RESTARTS)
                   .remote(f"SynthesisWorker-{i}", to_dict(cfg), meta.__dict__, run.root)
                   for i in range(min(cfg.ray.synthesis_actors, len(todo)))]
-        workers = ray.get([a.prepare.remote(shared) for a in actors])
-        results, requeued = _dispatch(actors, units, todo, shared)
-        for actor in actors:
-            ray.kill(actor)
+        try:
+            workers = ray.get([a.prepare.remote(shared) for a in actors])
+            results, requeued = _dispatch(actors, units, todo, shared)
+        finally:  # named actors would outlive a failed stage and block a re-run's names
+            for actor in actors:
+                ray.kill(actor)
     run.write_json({"ipc": ipc, "num_classes": meta.num_classes, "image_size": meta.image_size,
                     "channels": meta.channels, "mean": list(meta.mean), "std": list(meta.std),
                     "units": [{"unit": u, "classes": c, "shard": os.path.basename(run.unit_shard(u)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import time
 import uuid
 from typing import IO, TYPE_CHECKING, Any
 
@@ -125,16 +126,45 @@ def remove(url: str) -> None:
         fs.rm_file(path)
 
 
+PUT_ATTEMPTS = 5
+PUT_BACKOFF_S = 0.5  # doubled after every failed attempt: 0.5 + 1 + 2 + 4 s before giving up
+
+
+def _transient(error: BaseException) -> bool:
+    """A network or server hiccup that a repeated (idempotent) PUT may get past."""
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if isinstance(error, OSError):  # ConnectionError, TimeoutError, s3fs's translated errors
+        return True
+    from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+    return isinstance(error, (BotoConnectionError, HTTPClientError))
+
+
+def _with_retries(put, url: str) -> None:
+    """Run `put` (one whole-object write), retrying transient errors with exponential backoff."""
+    for attempt in range(1, PUT_ATTEMPTS + 1):
+        try:
+            put()
+            return
+        except Exception as error:  # noqa: BLE001 - classified just below
+            if attempt == PUT_ATTEMPTS or not _transient(error):
+                raise
+            wait = PUT_BACKOFF_S * 2 ** (attempt - 1)
+            print(f"[edc-ray] write of {url} failed ({type(error).__name__}: {error}); "
+                  f"retry {attempt}/{PUT_ATTEMPTS - 1} in {wait:.1f} s", flush=True)
+            time.sleep(wait)
+
+
 def atomic_write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` to ``url`` so that no reader ever sees a half-written file under that name.
 
     Locally the bytes go to ``<name>.tmp-<uuid>`` in the same folder, which is then renamed over the final
     name (a rename within one filesystem is atomic); on a failure the temporary file is removed. Object
-    stores get a single PUT, which is atomic by itself.
+    stores get a single PUT, which is atomic by itself, repeated with backoff on transient errors.
     """
     fs, path = _fs(url)
     if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, data)
+        _with_retries(lambda: fs.pipe_file(path, data), url)
         return
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
