@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edc_ray.benchmarks.grid import cell_config, cells, load_grid, run_cell, write_tables
+from edc_ray.benchmarks.grid import cell_config, cells, check_not_stale, load_grid, run_cell, write_tables
 from edc_ray.config import ConfigError
 from edc_ray.pipeline.run import start_ray
 from edc_ray.storage import fsio
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         grid = load_grid(args.grid)
         todo = [] if args.table_only else cells(grid, args.datasets, args.methods, args.ipc, args.variants)
         configs = [cell_config(grid, cell) for cell in todo]  # every cell's config is valid before work
+        for cell, cfg in zip(todo, configs):
+            check_not_stale(cfg, cell)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -1,13 +1,14 @@
 """The typed config: YAML loading, CLI overrides, and clear errors for each class of bad input."""
+import copy
 import glob
 import os
 
 import pytest
 import yaml
 
-from edc_ray.benchmarks.grid import cell_config, cells, load_grid
-from edc_ray.config import Config, ConfigError, dump_config, load_config
-from edc_ray.pipeline.run import prepare_data
+from edc_ray.benchmarks.grid import cell_config, cells, check_not_stale, load_grid
+from edc_ray.config import Config, ConfigError, dump_config, load_config, to_dict
+from edc_ray.pipeline.run import absolute_paths, prepare_data
 from edc_ray.storage.prepare import prepare_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +42,28 @@ def test_every_shipped_grid_gives_valid_cell_configs(path, monkeypatch):
     monkeypatch.chdir(REPO)  # grids name their base configs relative to the repository root
     grid = load_grid(path)
     assert all(cell_config(grid, cell).synthesis.ipc == cell.ipc for cell in cells(grid))
+
+
+def test_a_cell_folder_of_another_config_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    grid = load_grid("configs/benchmark/small.yaml")
+    grid.output = str(tmp_path)
+    cell = next(c for c in cells(grid) if c.method == "edc")
+    cfg = cell_config(grid, cell)
+    check_not_stale(cfg, cell)  # no folder yet
+    os.makedirs(cfg.output.run_dir)
+    resolved = copy.deepcopy(cfg)
+    absolute_paths(resolved)  # the pipeline writes config.yaml with absolute local paths
+    data = to_dict(resolved)
+    del data["synthesis"]["jitter"]  # a run from before a key existed, at its default: not a change
+    with open(os.path.join(cfg.output.run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(data, f)
+    check_not_stale(cfg, cell)
+    changed = cell_config(grid, cell)
+    changed.init.pool_fraction = 0.25
+    changed.evaluation.epochs = 7
+    with pytest.raises(ConfigError, match=r"changed: evaluation.epochs, init.pool_fraction.*move that folder"):
+        check_not_stale(changed, cell)
 
 
 def test_overrides_apply_on_top_of_the_file(tmp_path):

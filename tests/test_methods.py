@@ -19,6 +19,7 @@ def test_every_method_and_protocol_loads_with_its_preset():
         assert cfg.method == method
     edc, sre2l, gvbsm = (load_config(None, [f"method={m}"]) for m in ("edc", "sre2l", "gvbsm"))
     assert (edc.init.mode, edc.synthesis.alpha, edc.synthesis.flatness_weight) == ("real", 0.5, 0.25)
+    assert (edc.init.pool_fraction, edc.synthesis.jitter) == (1.0, 0)
     assert (sre2l.init.mode, sre2l.synthesis.lr, sre2l.synthesis.min_scale) == ("noise", 0.25, 0.08)
     assert sre2l.synthesis.jitter == 4
     assert (sre2l.synthesis.match, sre2l.synthesis.observers, sre2l.synthesis.alpha) == (["bn"], [0], 1.0)

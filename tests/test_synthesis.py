@@ -62,6 +62,7 @@ def test_candidate_pools_merge_like_a_single_pass(tiny):
 def test_real_init_picks_distinct_lowest_loss_candidates(tiny):
     images, labels, models = tiny
     cfg = _cfg(ipc=4)
+    cfg.init.pool_fraction = 0.0  # METHOD.md 1.3's exactly-lowest-loss init
     pool = candidate_pool(models, images, labels, [str(i) for i in range(len(images))], 10, 0, MEAN, STD)
     x, y = initial_images(pool, [0, 2], 4, cfg, models, MEAN, STD, torch.Generator().manual_seed(0))
     assert y.tolist() == [0] * 4 + [2] * 4

@@ -10,6 +10,7 @@ under the output folder, so parts merge by themselves.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -125,10 +126,37 @@ def share(folders: dict[str, str], run_dir: str, observers: int, direction: str)
             _copy_tree(fsio.join(src_root, sub), fsio.join(dst_root, sub))
 
 
+def check_not_stale(cfg: Config, cell: Cell) -> None:
+    """Refuse a cell folder that holds a run of another config (a changed preset, grid or budget).
+
+    Configs compare as values, so keys added since with their defaults do not count as a change.
+    """
+    from edc_ray.pipeline.run import absolute_paths
+
+    url = fsio.join(cfg.output.run_dir, "config.yaml")
+    if not fsio.exists(url):
+        return
+    previous = to_dict(from_dict(Config, yaml.safe_load(fsio.read_bytes(url)) or {}))
+    resolved = copy.deepcopy(cfg)
+    absolute_paths(resolved)  # as the pipeline writes config.yaml
+    current = to_dict(resolved)
+    if previous != current:
+        changed = sorted(f"{section}.{key}" for section, values in current.items()
+                         if isinstance(values, dict) for key in values
+                         if previous.get(section, {}).get(key) != values[key])
+        changed += sorted(k for k, v in current.items() if not isinstance(v, dict) and previous.get(k) != v)
+        raise ConfigError(f"cell {cell.dataset}/{cell.name}: {cfg.output.run_dir} holds a run of another "
+                          f"config (changed: {', '.join(changed)}); move that folder away to run it again")
+
+
 def run_cell(grid: Grid, cell: Cell, cfg: Config) -> None:
-    """Run one cell with its config `cell_config(grid, cell)`, unless its report exists already."""
+    """Run one cell with its config `cell_config(grid, cell)`, unless its report exists already.
+
+    A cell folder left by another config is refused (`check_not_stale`), never silently reused.
+    """
     from edc_ray.pipeline.run import run_pipeline
 
+    check_not_stale(cfg, cell)
     report_url = fsio.join(cfg.output.run_dir, "report.json")
     if fsio.exists(report_url):
         return
