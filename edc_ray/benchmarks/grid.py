@@ -126,6 +126,15 @@ def share(folders: dict[str, str], run_dir: str, observers: int, direction: str)
             _copy_tree(fsio.join(src_root, sub), fsio.join(dst_root, sub))
 
 
+def _dotted(data: dict, prefix: str = "") -> dict:
+    """A nested config mapping flattened to {"section.key": value}."""
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        flat.update(_dotted(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return flat
+
+
 def check_not_stale(cfg: Config, cell: Cell) -> None:
     """Refuse a cell folder that holds a run of another config (a changed preset, grid or budget).
 
@@ -136,15 +145,12 @@ def check_not_stale(cfg: Config, cell: Cell) -> None:
     url = fsio.join(cfg.output.run_dir, "config.yaml")
     if not fsio.exists(url):
         return
-    previous = to_dict(from_dict(Config, yaml.safe_load(fsio.read_bytes(url)) or {}))
+    previous = _dotted(to_dict(from_dict(Config, yaml.safe_load(fsio.read_bytes(url)) or {})))
     resolved = copy.deepcopy(cfg)
     absolute_paths(resolved)  # as the pipeline writes config.yaml
-    current = to_dict(resolved)
-    if previous != current:
-        changed = sorted(f"{section}.{key}" for section, values in current.items()
-                         if isinstance(values, dict) for key in values
-                         if previous.get(section, {}).get(key) != values[key])
-        changed += sorted(k for k, v in current.items() if not isinstance(v, dict) and previous.get(k) != v)
+    current = _dotted(to_dict(resolved))
+    changed = sorted(key for key in current.keys() | previous.keys() if current.get(key) != previous.get(key))
+    if changed:
         raise ConfigError(f"cell {cell.dataset}/{cell.name}: {cfg.output.run_dir} holds a run of another "
                           f"config (changed: {', '.join(changed)}); move that folder away to run it again")
 
