@@ -100,6 +100,8 @@ def test_unknown_key_names_key_path_and_allowed(tmp_path):
     ("evaluation.teachers=[3]", ["evaluation.teachers[0]", "3", "0..0"]),
     ("evaluation.zeta=0.5", ["evaluation.zeta", "0.5", ">= 1"]),
     ("synthesis.betas=[0.5]", ["synthesis.betas", "expected 2 values"]),
+    ("init.pool_fraction=1.5", ["init.pool_fraction", "1.5", "must be in [0, 1]"]),
+    ("synthesis.jitter=-2", ["synthesis.jitter", "-2", "must be >= 0"]),
 ])
 def test_bad_values_name_the_value_and_what_is_allowed(override, fragments):
     with pytest.raises(ConfigError) as err:
