@@ -66,6 +66,30 @@ def test_a_cell_folder_of_another_config_is_refused(tmp_path, monkeypatch):
         check_not_stale(changed, cell)
 
 
+@pytest.mark.parametrize("method, refused", [("random", False), ("rded", False), ("edc", True), ("sre2l", True)])
+def test_synthesis_settings_count_only_for_cells_that_optimise(tmp_path, monkeypatch, method, refused):
+    monkeypatch.chdir(REPO)
+    grid = load_grid("configs/benchmark/small.yaml")
+    grid.output = str(tmp_path)
+    cell = next(c for c in cells(grid) if c.method == method)
+    cfg = cell_config(grid, cell)
+    os.makedirs(cfg.output.run_dir)
+    resolved = copy.deepcopy(cfg)
+    absolute_paths(resolved)
+    resolved.synthesis.flip = not cfg.synthesis.flip
+    resolved.synthesis.lr = 0.5
+    with open(os.path.join(cfg.output.run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(resolved), f)
+    if refused:
+        with pytest.raises(ConfigError, match=r"changed: synthesis.flip, synthesis.lr\)"):
+            check_not_stale(cfg, cell)
+    else:
+        check_not_stale(cfg, cell)
+        cfg.synthesis.ipc += 1  # what a non-optimising cell does depend on still counts
+        with pytest.raises(ConfigError, match=r"changed: .*synthesis.ipc"):
+            check_not_stale(cfg, cell)
+
+
 def test_overrides_apply_on_top_of_the_file(tmp_path):
     path = write(tmp_path, {"synthesis": {"iterations": 10, "ipc": 3}})
     cfg = load_config(path, ["synthesis.iterations=200", "evaluation.students=[convnet, resnet18_cifar]",

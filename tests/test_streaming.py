@@ -4,10 +4,16 @@ import torch
 
 from edc_ray.algo.student import count_correct, evaluate_counts
 from edc_ray.models import create_model
+from edc_ray.pipeline.evaluation import report_interval
 from edc_ray.pipeline.streaming import (rank_sample_counts, shuffled, split_stream,
                                         steps_every_rank_can_take)
 from edc_ray.storage.prepare import prepare_dataset
 from edc_ray.storage.shards import load_split
+
+
+@pytest.mark.parametrize("steps_per_epoch, epochs_between_reports", [(1, 50), (4, 13), (10, 5), (50, 1), (400, 1)])
+def test_student_reports_about_every_fifty_steps(steps_per_epoch, epochs_between_reports):
+    assert report_interval(steps_per_epoch) == epochs_between_reports
 
 
 @pytest.fixture(scope="module")

@@ -135,10 +135,24 @@ def _dotted(data: dict, prefix: str = "") -> dict:
     return flat
 
 
+# Settings of the pixel optimisation: with `synthesis.iterations` 0 (random, RDED) they cannot change a
+# cell's result. (`synthesis.observers` still picks RDED's scoring observer; `ipc` and units still count.)
+OPTIMISATION_KEYS = ("lr", "betas", "min_scale", "jitter", "flip", "ce_weight", "r", "alpha", "stat_momentum",
+                     "first_layer_weight", "flatness_weight", "flatness_beta", "flatness_tau", "match")
+
+
+def _inert_keys(flat: dict) -> set[str]:
+    """Keys of a flattened config that cannot affect its result."""
+    if flat.get("synthesis.iterations") != 0:
+        return set()
+    return {f"synthesis.{key}" for key in OPTIMISATION_KEYS}
+
+
 def check_not_stale(cfg: Config, cell: Cell) -> None:
     """Refuse a cell folder that holds a run of another config (a changed preset, grid or budget).
 
-    Configs compare as values, so keys added since with their defaults do not count as a change.
+    Configs compare as values, so keys added since with their defaults do not count as a change, nor
+    do synthesis settings of cells that do not optimise (a changed `synthesis.flip` keeps random's cells).
     """
     from edc_ray.pipeline.run import absolute_paths
 
@@ -149,7 +163,9 @@ def check_not_stale(cfg: Config, cell: Cell) -> None:
     resolved = copy.deepcopy(cfg)
     absolute_paths(resolved)  # as the pipeline writes config.yaml
     current = _dotted(to_dict(resolved))
-    changed = sorted(key for key in current.keys() | previous.keys() if current.get(key) != previous.get(key))
+    inert = _inert_keys(current) & _inert_keys(previous)
+    changed = sorted(key for key in current.keys() | previous.keys()
+                     if current.get(key) != previous.get(key) and key not in inert)
     if changed:
         raise ConfigError(f"cell {cell.dataset}/{cell.name}: {cfg.output.run_dir} holds a run of another "
                           f"config (changed: {', '.join(changed)}); move that folder away to run it again")

@@ -63,10 +63,22 @@ def _latest_state(rank: int) -> dict | None:
             return load_torch_bytes(f.read(), "checkpoint")
 
 
+REPORT_EVERY_STEPS = 50  # a Ray Train report is a barrier across workers (~0.06 s here): not every tiny epoch
+
+
+def report_interval(steps_per_epoch: int) -> int:
+    """Epochs between metric-only reports: about `REPORT_EVERY_STEPS` optimiser steps, at least one epoch.
+
+    Depends only on the epoch length, so every rank reports at the same epochs (Ray Train requires it).
+    """
+    return max(1, math.ceil(REPORT_EVERY_STEPS / max(1, steps_per_epoch)))
+
+
 def train_student_loop(config: dict) -> None:
     """Ray Train worker function: post-train one student per seed on a distilled set (METHOD.md 1.6).
 
-    Seeds run one after another in the same worker group; every epoch is reported, every validation
+    Seeds run one after another in the same worker group; metrics are reported every
+    `report_interval` epochs, every validation
     carries a checkpoint (all seeds finished so far + the current one's full state), so a restarted
     run resumes at the last validated epoch of the seed it was in.
     """
@@ -82,6 +94,7 @@ def train_student_loop(config: dict) -> None:
     images, labels = load_images(config["train_urls"])
     teachers = [model_from_payload(ray.get(ref), meta, device) for ref in config["teacher_refs"]]
     steps = math.ceil(len(images) / ecfg.batch_size)
+    report_every = report_interval(steps)
     state = _latest_state(rank)
     finished: list[dict] = state["finished"] if state else []
     for seed_index, seed in enumerate(ecfg.seeds):
@@ -105,7 +118,8 @@ def train_student_loop(config: dict) -> None:
             scores = {"seed": seed, "epoch": epoch + 1, "loss": sum(losses) / len(losses)}
             last = epoch + 1 == ecfg.epochs
             if not (last or (ecfg.eval_every and (epoch + 1) % ecfg.eval_every == 0)):
-                ray.train.report(scores)
+                if (epoch + 1) % report_every == 0:
+                    ray.train.report(scores)
                 continue
             top1 = validation_accuracy(trainer.ema.module, config["data_root"], config["val_split"], meta,
                                        ecfg.val_batch_size, device)
