@@ -7,6 +7,7 @@ import os
 import pytest
 import yaml
 
+from edc_ray.benchmarks import probe
 from edc_ray.config import apply_override
 from edc_ray.storage import fsio
 from edc_ray.storage.shards import iter_samples
@@ -74,3 +75,11 @@ def test_grid_in_parts_reuses_observers_and_evaluates_exports(ray_local, tiny_im
     assert len(list(iter_samples([str(edc_run / "imported" / "roundtrip.tar")]))) == 6
     assert evaluate.main(["--images", str(tmp_path / "missing"), "--config",
                           str(edc_run / "config.yaml")]) == 2
+
+    # the Ray-free probe reads the grid's shared observers and statistics, overrides on top
+    probes = str(tmp_path / "probes.jsonl")
+    lines = [probe.main(["--grid", grid, "--dataset", "tiny", "--ipc", "2", "--method", method, "--student",
+                         "convnet_d2", "--set", "synthesis.flip=false", "--out", probes])
+             for method in ("edc", "random")]
+    assert [json.loads(line)["method"] for line in open(probes)] == ["edc", "random"]
+    assert all(0.0 <= line["mean"] <= 100.0 and line["set"] == ["synthesis.flip=false"] for line in lines)

@@ -1,0 +1,89 @@
+"""A Ray-free probe of one grid cell: synthesise and evaluate in this process, against the observers
+and statistics a benchmark grid already computed for the dataset, with extra overrides on top.
+
+    python -m edc_ray.benchmarks.probe --grid configs/benchmark/small.yaml --dataset mnist --ipc 1 \
+        --seeds 0 1 --set synthesis.flip=false
+
+It answers "what would this change do to that cell" in minutes, one core, without a cluster: the
+same algorithm core (`synthesize_class_unit`, `train_student`) as the pipeline, but the student's
+random draws differ from a Ray Train run, so compare probes with probes. One JSON line per probe is
+printed and appended to `--out`. Needs the grid's shared observers and statistics (run the grid's
+cells of that dataset first).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from edc_ray.algo.condense import bottom_k, build_observers, make_units, synthesize_class_unit
+from edc_ray.algo.stats import ClassStatSums
+from edc_ray.algo.student import train_student
+from edc_ray.benchmarks.grid import Cell, cell_config, load_grid, shared_folders
+from edc_ray.pipeline.common import DatasetMeta, build_model
+from edc_ray.pipeline.evaluation import load_images
+from edc_ray.pipeline.statistics import pool_from_dict
+from edc_ray.storage import fsio
+from edc_ray.storage.run_folder import RunFolder
+from edc_ray.storage.shards import read_info, shard_urls
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--method", default="edc")
+    parser.add_argument("--ipc", type=int, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--student", default="convnet")
+    parser.add_argument("--set", nargs="*", default=[], help="overrides on top of the cell's config")
+    parser.add_argument("--out", default="runs/probes.jsonl")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    grid = load_grid(args.grid)
+    grid.variants = {"probe": args.set}  # a variant's overrides come last, over the IPC budget
+    cfg = cell_config(grid, Cell(args.dataset, args.method, args.ipc, "probe"))
+    folders = shared_folders(grid, cfg, args.dataset)
+    observers_run, stats_run = RunFolder(folders["observers"]), RunFolder(folders["statistics"])
+    meta = DatasetMeta.from_info(read_info(cfg.data.root))
+    names = [f"{k}-{spec.arch}" for k, spec in enumerate(cfg.observers.models)]
+    models = []
+    for name, spec in zip(names, cfg.observers.models):
+        model = build_model(spec.arch, meta)
+        model.load_state_dict(observers_run.load_torch("observers", f"{name}.pt"))
+        models.append(model.eval())
+    pool = pool_from_dict(stats_run.load_torch("candidates", "pool.pt"))
+    start = time.perf_counter()
+    if cfg.method == "random":
+        subset = bottom_k(pool, args.ipc)
+        images, labels = subset.images, subset.labels
+    else:
+        sums = [ClassStatSums.from_state_dict(stats_run.load_torch("stats", f"{n}.pt")) for n in names]
+        observers = build_observers(models, sums, cfg.statistics, "cpu", cfg.synthesis.match,
+                                    cfg.synthesis.observers)
+        units = [synthesize_class_unit(u, classes, observers, pool, cfg, meta.mean, meta.std)
+                 for u, classes in enumerate(make_units(meta.num_classes, cfg.synthesis.classes_per_unit))]
+        images, labels = torch.cat([u[0] for u in units]), torch.cat([u[1] for u in units])
+    synthesis_s = time.perf_counter() - start
+    val = load_images(shard_urls(cfg.data.root, read_info(cfg.data.root), cfg.data.val_split))
+    teachers = models if cfg.evaluation.teachers is None else [models[i] for i in cfg.evaluation.teachers]
+    accuracies = []
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        result = train_student(build_model(args.student, meta), teachers, images, labels, cfg.evaluation,
+                               meta.mean, meta.std, val, seed)
+        accuracies.append(result["final_top1"])
+    line = {"dataset": args.dataset, "method": args.method, "ipc": args.ipc, "set": args.set,
+            "student": args.student, "seeds": args.seeds, "top1": accuracies,
+            "mean": round(sum(accuracies) / len(accuracies), 2), "synthesis_s": round(synthesis_s, 1),
+            "total_s": round(time.perf_counter() - start, 1)}
+    print(json.dumps(line), flush=True)
+    fsio.atomic_write_bytes(args.out, (fsio.read_bytes(args.out).decode() if fsio.exists(args.out) else "")
+                            .encode() + (json.dumps(line) + "\n").encode())
+    return line
+
+
+if __name__ == "__main__":
+    main()
