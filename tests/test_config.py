@@ -6,6 +6,7 @@ import os
 import pytest
 import yaml
 
+from edc_ray.benchmarks import probe
 from edc_ray.benchmarks.grid import cell_config, cells, check_not_stale, load_grid
 from edc_ray.config import Config, ConfigError, dump_config, load_config, to_dict
 from edc_ray.pipeline.run import absolute_paths, prepare_data
@@ -66,7 +67,8 @@ def test_a_cell_folder_of_another_config_is_refused(tmp_path, monkeypatch):
         check_not_stale(changed, cell)
 
 
-@pytest.mark.parametrize("method, refused", [("random", False), ("rded", False), ("edc", True), ("sre2l", True)])
+@pytest.mark.parametrize("method, refused",
+                         [("random", False), ("rded", False), ("edc", True), ("sre2l", True)])
 def test_synthesis_settings_count_only_for_cells_that_optimise(tmp_path, monkeypatch, method, refused):
     monkeypatch.chdir(REPO)
     grid = load_grid("configs/benchmark/small.yaml")
@@ -88,6 +90,15 @@ def test_synthesis_settings_count_only_for_cells_that_optimise(tmp_path, monkeyp
         cfg.synthesis.ipc += 1  # what a non-optimising cell does depend on still counts
         with pytest.raises(ConfigError, match=r"changed: .*synthesis.ipc"):
             check_not_stale(cfg, cell)
+
+
+def test_probe_names_a_dataset_outside_the_grid_and_a_missing_shared_folder(tmp_path):
+    base = os.path.join(REPO, "configs", "benchmark", "mnist-base.yaml")
+    path = write(tmp_path, {"output": str(tmp_path / "bench"), "datasets": {"mnist": base}})
+    with pytest.raises(SystemExit, match=r"--dataset 'cifar' is not in .*choose one of mnist"):
+        probe.main(["--grid", path, "--dataset", "cifar", "--ipc", "1"])
+    with pytest.raises(SystemExit, match=r"no shared observers and statistics for mnist .*--ipc 10"):
+        probe.main(["--grid", path, "--dataset", "mnist", "--ipc", "10"])
 
 
 def test_overrides_apply_on_top_of_the_file(tmp_path):

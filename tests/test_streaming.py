@@ -11,7 +11,8 @@ from edc_ray.storage.prepare import prepare_dataset
 from edc_ray.storage.shards import load_split
 
 
-@pytest.mark.parametrize("steps_per_epoch, epochs_between_reports", [(1, 50), (4, 13), (10, 5), (50, 1), (400, 1)])
+@pytest.mark.parametrize("steps_per_epoch, epochs_between_reports",
+                         [(1, 50), (4, 13), (10, 5), (50, 1), (400, 1)])
 def test_student_reports_about_every_fifty_steps(steps_per_epoch, epochs_between_reports):
     assert report_interval(steps_per_epoch) == epochs_between_reports
 

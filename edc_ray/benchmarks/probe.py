@@ -31,6 +31,7 @@ from edc_ray.storage.shards import read_info, shard_urls
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run one probe; returns the JSON line it printed (top-1 per seed, their mean, times)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", required=True)
     parser.add_argument("--dataset", required=True)
@@ -43,10 +44,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     grid = load_grid(args.grid)
+    if args.dataset not in grid.datasets:
+        raise SystemExit(f"--dataset {args.dataset!r} is not in {args.grid}; choose one of "
+                         f"{', '.join(grid.datasets)}")
     grid.variants = {"probe": args.set}  # a variant's overrides come last, over the IPC budget
     cfg = cell_config(grid, Cell(args.dataset, args.method, args.ipc, "probe"))
     folders = shared_folders(grid, cfg, args.dataset)
     observers_run, stats_run = RunFolder(folders["observers"]), RunFolder(folders["statistics"])
+    if not stats_run.exists("candidates", "pool.pt"):
+        raise SystemExit(f"no shared observers and statistics for {args.dataset} under {grid.output}: run a "
+                         f"cell first, e.g. python jobs/benchmark.py --grid {args.grid} --datasets "
+                         f"{args.dataset} --methods random --ipc {args.ipc}")
     meta = DatasetMeta.from_info(read_info(cfg.data.root))
     names = [f"{k}-{spec.arch}" for k, spec in enumerate(cfg.observers.models)]
     models = []
