@@ -336,6 +336,40 @@ def with_presets(data: dict) -> dict:
     return deep_merge(merged, method_preset.get("fixed", {}))
 
 
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """The config as {"section.key": value} (nested sections joined by dots)."""
+    def walk(data: dict, prefix: str) -> dict:
+        flat: dict = {}
+        for key, value in data.items():
+            name = f"{prefix}{key}"
+            flat.update(walk(value, f"{name}.") if isinstance(value, dict) else {name: value})
+        return flat
+    return walk(to_dict(cfg), "")
+
+
+# Settings of the pixel optimisation: with `synthesis.iterations` 0 (random, RDED) they cannot change a
+# run's result. (`synthesis.observers` still picks RDED's scoring observer; `ipc` and units still count.)
+OPTIMISATION_KEYS = ("lr", "betas", "min_scale", "jitter", "flip", "ce_weight", "r", "alpha", "stat_momentum",
+                     "first_layer_weight", "flatness_weight", "flatness_beta", "flatness_tau", "match")
+
+
+def _inert_keys(flat: dict[str, Any]) -> set[str]:
+    """Keys of a flattened config that cannot affect its result."""
+    if flat.get("synthesis.iterations") != 0:
+        return set()
+    return {f"synthesis.{key}" for key in OPTIMISATION_KEYS}
+
+
+def changed_keys(previous: Config, current: Config) -> list[str]:
+    """Dotted keys whose values differ, sorted; synthesis settings of runs that do not optimise excluded.
+
+    Configs compare as values, so a key added since, at its default, is not a change.
+    """
+    old, new = flat_config(previous), flat_config(current)
+    inert = _inert_keys(old) & _inert_keys(new)
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in inert)
+
+
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML text (written into the run folder)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

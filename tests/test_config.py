@@ -9,8 +9,9 @@ import yaml
 from edc_ray.benchmarks import probe
 from edc_ray.benchmarks.grid import cell_config, cells, check_not_stale, load_grid
 from edc_ray.config import Config, ConfigError, dump_config, load_config, to_dict
-from edc_ray.pipeline.run import absolute_paths, prepare_data
+from edc_ray.pipeline.run import absolute_paths, check_run_folder, prepare_data
 from edc_ray.storage.prepare import prepare_dataset
+from edc_ray.storage.run_folder import RunFolder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_YAML = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
@@ -90,6 +91,45 @@ def test_synthesis_settings_count_only_for_cells_that_optimise(tmp_path, monkeyp
         cfg.synthesis.ipc += 1  # what a non-optimising cell does depend on still counts
         with pytest.raises(ConfigError, match=r"changed: .*synthesis.ipc"):
             check_not_stale(cfg, cell)
+
+
+def _run_folder_with(tmp_path, cfg, markers: list[str]) -> RunFolder:
+    run = RunFolder(str(tmp_path / "run"))
+    run.write_text(dump_config(cfg), "config.yaml")
+    for marker in markers:
+        run.write_text("", *marker.split("/"))
+    return run
+
+
+@pytest.mark.parametrize("markers, override, refused_stage", [
+    ([], "observers.epochs=9", None),  # nothing computed yet: any change is the new run
+    (["observers/0-convnet_d2.json"], "synthesis.lr=0.5", None),  # later stages are still to come
+    (["observers/0-convnet_d2.json"], "observers.epochs=9", "observers"),
+    (["candidates/pool.pt"], "init.candidates_per_class=7", "statistics"),
+    (["distilled/unit-00000.tar"], "synthesis.lr=0.5", "synthesis"),
+    (["eval/distilled-convnet_d2.json"], "evaluation.epochs=9", "evaluation"),
+    (["eval/distilled-convnet_d2.json"], "evaluation.students=[convnet, convnet_d2]", None),
+    (["eval/distilled-convnet_d2.json"], "ray.num_cpus=7", None),  # resources never matter
+])
+def test_a_run_folder_refuses_a_config_its_finished_stages_did_not_use(tmp_path, markers, override,
+                                                                        refused_stage):
+    base = ["observers.models=[{arch: convnet_d2}]", f"output.run_dir={tmp_path / 'run'}"]
+    run = _run_folder_with(tmp_path, load_config(None, base), markers)
+    changed = load_config(None, base + [override])
+    if refused_stage is None:
+        check_run_folder(run, changed)
+    else:
+        key = override.split("=")[0]
+        expected = rf"holds a {refused_stage} stage .*changed: {key}\).*new output"
+        with pytest.raises(ConfigError, match=expected):
+            check_run_folder(run, changed)
+
+
+def test_a_run_that_does_not_optimise_ignores_synthesis_settings(tmp_path):
+    cfg = load_config(None, ["method=random", f"output.run_dir={tmp_path / 'run'}"])
+    run = _run_folder_with(tmp_path, cfg, ["distilled/unit-00000.tar"])
+    check_run_folder(run, load_config(None, ["method=random", "synthesis.flip=false",
+                                             f"output.run_dir={tmp_path / 'run'}"]))
 
 
 def test_probe_names_a_dataset_outside_the_grid_and_a_missing_shared_folder(tmp_path):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from edc_ray.config import Config, ConfigError, from_dict, load_config, to_dict
+from edc_ray.config import Config, ConfigError, changed_keys, from_dict, load_config, to_dict
 from edc_ray.storage import fsio
 
 # What is shared per kind: its folders, and the files that mark it complete (folder, pattern, count;
@@ -126,28 +126,6 @@ def share(folders: dict[str, str], run_dir: str, observers: int, direction: str)
             _copy_tree(fsio.join(src_root, sub), fsio.join(dst_root, sub))
 
 
-def _dotted(data: dict, prefix: str = "") -> dict:
-    """A nested config mapping flattened to {"section.key": value}."""
-    flat = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        flat.update(_dotted(value, f"{name}.") if isinstance(value, dict) else {name: value})
-    return flat
-
-
-# Settings of the pixel optimisation: with `synthesis.iterations` 0 (random, RDED) they cannot change a
-# cell's result. (`synthesis.observers` still picks RDED's scoring observer; `ipc` and units still count.)
-OPTIMISATION_KEYS = ("lr", "betas", "min_scale", "jitter", "flip", "ce_weight", "r", "alpha", "stat_momentum",
-                     "first_layer_weight", "flatness_weight", "flatness_beta", "flatness_tau", "match")
-
-
-def _inert_keys(flat: dict) -> set[str]:
-    """Keys of a flattened config that cannot affect its result."""
-    if flat.get("synthesis.iterations") != 0:
-        return set()
-    return {f"synthesis.{key}" for key in OPTIMISATION_KEYS}
-
-
 def check_not_stale(cfg: Config, cell: Cell) -> None:
     """Refuse a cell folder that holds a run of another config (a changed preset, grid or budget).
 
@@ -159,13 +137,10 @@ def check_not_stale(cfg: Config, cell: Cell) -> None:
     url = fsio.join(cfg.output.run_dir, "config.yaml")
     if not fsio.exists(url):
         return
-    previous = _dotted(to_dict(from_dict(Config, yaml.safe_load(fsio.read_bytes(url)) or {})))
+    previous = from_dict(Config, yaml.safe_load(fsio.read_bytes(url)) or {})
     resolved = copy.deepcopy(cfg)
     absolute_paths(resolved)  # as the pipeline writes config.yaml
-    current = _dotted(to_dict(resolved))
-    inert = _inert_keys(current) & _inert_keys(previous)
-    changed = sorted(key for key in current.keys() | previous.keys()
-                     if current.get(key) != previous.get(key) and key not in inert)
+    changed = changed_keys(previous, resolved)
     if changed:
         raise ConfigError(f"cell {cell.dataset}/{cell.name}: {cfg.output.run_dir} holds a run of another "
                           f"config (changed: {', '.join(changed)}); move that folder away to run it again")

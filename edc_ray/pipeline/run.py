@@ -12,8 +12,9 @@ import time
 from typing import Iterator
 
 import ray
+import yaml
 
-from edc_ray.config import Config, ConfigError, dump_config, to_dict
+from edc_ray.config import Config, ConfigError, changed_keys, dump_config, from_dict, to_dict
 from edc_ray.pipeline.common import DatasetMeta, observer_payload
 from edc_ray.pipeline.evaluation import evaluate_set, load_images, random_subset_shard
 from edc_ray.pipeline.observers import observer_names, observers_stage
@@ -92,6 +93,38 @@ class Session:
     observer_refs: list
 
 
+# Each stage's marker files in the run folder and the keys its outputs depend on (besides those of the
+# stages before it). `evaluation.students` and `random_baseline` only pick which sets and students are
+# evaluated, each cached under its own name, so they may change between runs.
+STAGE_INPUTS = (("observers", ("observers", "*.json"), ("seed", "data.", "observers.")),
+                ("statistics", ("candidates", "pool.pt"), ("statistics.", "init.candidates_per_class")),
+                ("synthesis", ("distilled", "*.tar"), ("method", "init.", "synthesis.")),
+                ("evaluation", ("eval", "*.json"), ("evaluation.",)))
+FREE_KEYS = ("evaluation.students", "evaluation.random_baseline")
+
+
+def check_run_folder(run: RunFolder, cfg: Config) -> None:
+    """Refuse to resume a run folder whose finished stages were computed under another config.
+
+    A re-run skips every stage whose outputs exist, so a changed key those outputs depend on would be
+    silently ignored; resource settings (`ray`, `device`) and which students run may change freely.
+    """
+    if not run.exists("config.yaml"):
+        return
+    previous = from_dict(Config, yaml.safe_load(fsio.read_bytes(run.path("config.yaml"))) or {})
+    changed = [k for k in changed_keys(previous, cfg) if k not in FREE_KEYS]
+    inputs: tuple[str, ...] = ()
+    for name, (folder, pattern), keys in STAGE_INPUTS:
+        inputs += keys
+        if not fsio.list_files(run.path(folder), pattern):
+            continue
+        stale = [k for k in changed if k.startswith(inputs)]
+        if stale:
+            raise ConfigError(f"run folder {run.root} holds a {name} stage computed under another config "
+                              f"(changed: {', '.join(stale)}); choose a new output.run_dir, or remove the "
+                              "folder to start over")
+
+
 @contextlib.contextmanager
 def session(cfg: Config) -> Iterator[Session]:
     """Prepare the data, write the resolved config, start Ray and load (or train) the observers."""
@@ -101,6 +134,7 @@ def session(cfg: Config) -> Iterator[Session]:
         info = prepare_data(cfg)
     meta = DatasetMeta.from_info(info)
     run = RunFolder(cfg.output.run_dir)
+    check_run_folder(run, cfg)
     run.write_text(dump_config(cfg), "config.yaml")
     started = start_ray(cfg)
     try:
