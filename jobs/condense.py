@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from edc_ray.cli import add_config_arguments, config_from_arguments
+from edc_ray.config import ConfigError
 from edc_ray.pipeline.run import run_pipeline
 
 
@@ -22,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_arguments(args)
     if cfg is None:
         return 2
-    report = run_pipeline(cfg)
+    try:
+        report = run_pipeline(cfg)
+    except ConfigError as err:  # e.g. a run folder finished under another config
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     print(f"\nrun folder: {report['run_dir']}")
     for row in report["evaluation"]:
         print(f"  {row['student']:>12} on {row['set']:>9} ({row['images']} images): "

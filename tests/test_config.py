@@ -1,6 +1,7 @@
 """The typed config: YAML loading, CLI overrides, and clear errors for each class of bad input."""
 import copy
 import glob
+import importlib.util
 import os
 
 import pytest
@@ -120,9 +121,22 @@ def test_a_run_folder_refuses_a_config_its_finished_stages_did_not_use(tmp_path,
         check_run_folder(run, changed)
     else:
         key = override.split("=")[0]
-        expected = rf"holds a {refused_stage} stage .*changed: {key}\).*new output"
+        expected = rf"its finished {refused_stage} stage was computed .*changed: {key}\).*new output"
         with pytest.raises(ConfigError, match=expected):
             check_run_folder(run, changed)
+
+
+def test_condense_job_names_the_changed_keys_of_a_finished_run_folder(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("condense_job", os.path.join(REPO, "jobs", "condense.py"))
+    condense = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(condense)
+    args = ["--set", f"data.root={tmp_path / 'digits'}", "--set", f"output.run_dir={tmp_path / 'run'}"]
+    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), [a for a in args if a != "--set"])
+    absolute_paths(cfg)
+    _run_folder_with(tmp_path, cfg, ["observers/0-convnet_d2.json"])
+    assert condense.main(args + ["--set", "observers.epochs=3"]) == 2
+    assert "its finished observers stage was computed under another config (changed: observers.epochs)" in \
+        capsys.readouterr().err
 
 
 def test_a_run_that_does_not_optimise_ignores_synthesis_settings(tmp_path):

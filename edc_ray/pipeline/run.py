@@ -120,9 +120,9 @@ def check_run_folder(run: RunFolder, cfg: Config) -> None:
             continue
         stale = [k for k in changed if k.startswith(inputs)]
         if stale:
-            raise ConfigError(f"run folder {run.root} holds a {name} stage computed under another config "
-                              f"(changed: {', '.join(stale)}); choose a new output.run_dir, or remove the "
-                              "folder to start over")
+            raise ConfigError(f"run folder {run.root}: its finished {name} stage was computed under another "
+                              f"config (changed: {', '.join(stale)}); choose a new output.run_dir, or remove "
+                              "the folder to start over")
 
 
 @contextlib.contextmanager
