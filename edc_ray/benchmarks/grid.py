@@ -20,6 +20,7 @@ import yaml
 
 from edc_ray.config import Config, ConfigError, changed_keys, from_dict, load_config, to_dict
 from edc_ray.storage import fsio
+from edc_ray.storage.run_folder import RunFolder
 
 # What is shared per kind: its folders, and the files that mark it complete (folder, pattern, count;
 # a count of None means one per observer).
@@ -132,12 +133,11 @@ def check_not_stale(cfg: Config, cell: Cell) -> None:
     Configs compare as values, so keys added since with their defaults do not count as a change, nor
     do synthesis settings of cells that do not optimise (a changed `synthesis.flip` keeps random's cells).
     """
-    from edc_ray.pipeline.run import absolute_paths
+    from edc_ray.pipeline.run import absolute_paths, stored_config
 
-    url = fsio.join(cfg.output.run_dir, "config.yaml")
-    if not fsio.exists(url):
+    previous = stored_config(RunFolder(cfg.output.run_dir))
+    if previous is None:
         return
-    previous = from_dict(Config, yaml.safe_load(fsio.read_bytes(url)) or {})
     resolved = copy.deepcopy(cfg)
     absolute_paths(resolved)  # as the pipeline writes config.yaml
     changed = changed_keys(previous, resolved)

@@ -19,12 +19,12 @@ import time
 import torch
 
 from edc_ray.algo.condense import bottom_k, build_observers, make_units, synthesize_class_unit
-from edc_ray.algo.stats import ClassStatSums
 from edc_ray.algo.student import train_student
 from edc_ray.benchmarks.grid import Cell, cell_config, load_grid, shared_folders
 from edc_ray.pipeline.common import DatasetMeta, build_model
 from edc_ray.pipeline.evaluation import load_images
-from edc_ray.pipeline.statistics import pool_from_dict
+from edc_ray.pipeline.observers import load_observers, observer_names
+from edc_ray.pipeline.statistics import stored_statistics
 from edc_ray.storage import fsio
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import read_info, shard_urls
@@ -50,32 +50,27 @@ def main(argv: list[str] | None = None) -> dict:
     grid.variants = {"probe": args.set}  # a variant's overrides come last, over the IPC budget
     cfg = cell_config(grid, Cell(args.dataset, args.method, args.ipc, "probe"))
     folders = shared_folders(grid, cfg, args.dataset)
-    observers_run, stats_run = RunFolder(folders["observers"]), RunFolder(folders["statistics"])
-    if not stats_run.exists("candidates", "pool.pt"):
+    stored = stored_statistics(RunFolder(folders["statistics"]), observer_names(cfg))
+    if stored is None:
         raise SystemExit(f"no shared observers and statistics for {args.dataset} under {grid.output}: run a "
                          f"cell first, e.g. python jobs/benchmark.py --grid {args.grid} --datasets "
                          f"{args.dataset} --methods random --ipc {args.ipc}")
-    meta = DatasetMeta.from_info(read_info(cfg.data.root))
-    names = [f"{k}-{spec.arch}" for k, spec in enumerate(cfg.observers.models)]
-    models = []
-    for name, spec in zip(names, cfg.observers.models):
-        model = build_model(spec.arch, meta)
-        model.load_state_dict(observers_run.load_torch("observers", f"{name}.pt"))
-        models.append(model.eval())
-    pool = pool_from_dict(stats_run.load_torch("candidates", "pool.pt"))
+    sums, pool = stored
+    info = read_info(cfg.data.root)
+    meta = DatasetMeta.from_info(info)
+    models = [model for _, model in load_observers(cfg, RunFolder(folders["observers"]), meta)]
     start = time.perf_counter()
     if cfg.method == "random":
         subset = bottom_k(pool, args.ipc)
         images, labels = subset.images, subset.labels
     else:
-        sums = [ClassStatSums.from_state_dict(stats_run.load_torch("stats", f"{n}.pt")) for n in names]
         observers = build_observers(models, sums, cfg.statistics, "cpu", cfg.synthesis.match,
                                     cfg.synthesis.observers)
         units = [synthesize_class_unit(u, classes, observers, pool, cfg, meta.mean, meta.std)
                  for u, classes in enumerate(make_units(meta.num_classes, cfg.synthesis.classes_per_unit))]
         images, labels = torch.cat([u[0] for u in units]), torch.cat([u[1] for u in units])
     synthesis_s = time.perf_counter() - start
-    val = load_images(shard_urls(cfg.data.root, read_info(cfg.data.root), cfg.data.val_split))
+    val = load_images(shard_urls(cfg.data.root, info, cfg.data.val_split))
     teachers = models if cfg.evaluation.teachers is None else [models[i] for i in cfg.evaluation.teachers]
     accuracies = []
     for seed in args.seeds:
@@ -88,8 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
             "mean": round(sum(accuracies) / len(accuracies), 2), "synthesis_s": round(synthesis_s, 1),
             "total_s": round(time.perf_counter() - start, 1)}
     print(json.dumps(line), flush=True)
-    fsio.atomic_write_bytes(args.out, (fsio.read_bytes(args.out).decode() if fsio.exists(args.out) else "")
-                            .encode() + (json.dumps(line) + "\n").encode())
+    earlier = fsio.read_bytes(args.out) if fsio.exists(args.out) else b""
+    fsio.atomic_write_bytes(args.out, earlier + (json.dumps(line) + "\n").encode())
     return line
 
 

@@ -77,10 +77,9 @@ def report_interval(steps_per_epoch: int) -> int:
 def train_student_loop(config: dict) -> None:
     """Ray Train worker function: post-train one student per seed on a distilled set (METHOD.md 1.6).
 
-    Seeds run one after another in the same worker group; metrics are reported every
-    `report_interval` epochs, every validation
-    carries a checkpoint (all seeds finished so far + the current one's full state), so a restarted
-    run resumes at the last validated epoch of the seed it was in.
+    Seeds run one after another in the same worker group; metrics are reported every `report_interval`
+    epochs, and every validation carries a checkpoint (all seeds finished so far + the current one's
+    full state), so a restarted run resumes at the last validated epoch of the seed it was in.
     """
     import ray
     import ray.train

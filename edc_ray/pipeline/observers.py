@@ -109,8 +109,13 @@ def observers_stage(cfg: Config, run: RunFolder, meta: DatasetMeta) -> list[tupl
                   "archs": [a for _, a in to_train], "seed": cfg.seed, "cpus": cfg.ray.train_worker_cpus}
         fit_torch_trainer(train_observers_loop, config, "observers", run.path("eval"),
                           cfg.ray.train_workers, cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus)
+    return load_observers(cfg, run, meta)
+
+
+def load_observers(cfg: Config, run: RunFolder, meta: DatasetMeta) -> list[tuple[str, torch.nn.Module]]:
+    """The observers of `cfg` from the run folder's weights, in eval mode, as (arch, model) pairs."""
     models = []
-    for name, spec in zip(names, cfg.observers.models):
+    for name, spec in zip(observer_names(cfg), cfg.observers.models):
         model = build_model(spec.arch, meta)
         load_weights(model, run.path("observers", f"{name}.pt"))
         models.append((spec.arch, model.eval()))

@@ -103,15 +103,22 @@ STAGE_INPUTS = (("observers", ("observers", "*.json"), ("seed", "data.", "observ
 FREE_KEYS = ("evaluation.students", "evaluation.random_baseline")
 
 
+def stored_config(run: RunFolder) -> Config | None:
+    """The resolved config a run folder was last run with (None: no run yet)."""
+    if not run.exists("config.yaml"):
+        return None
+    return from_dict(Config, yaml.safe_load(fsio.read_bytes(run.path("config.yaml"))) or {})
+
+
 def check_run_folder(run: RunFolder, cfg: Config) -> None:
     """Refuse to resume a run folder whose finished stages were computed under another config.
 
     A re-run skips every stage whose outputs exist, so a changed key those outputs depend on would be
     silently ignored; resource settings (`ray`, `device`) and which students run may change freely.
     """
-    if not run.exists("config.yaml"):
+    previous = stored_config(run)
+    if previous is None:
         return
-    previous = from_dict(Config, yaml.safe_load(fsio.read_bytes(run.path("config.yaml"))) or {})
     changed = [k for k in changed_keys(previous, cfg) if k not in FREE_KEYS]
     inputs: tuple[str, ...] = ()
     for name, (folder, pattern), keys in STAGE_INPUTS:

@@ -50,12 +50,20 @@ def statistics_task(urls: list[str], observer_refs: list, stats_cfg: dict, meta:
     return {"sums": sums, "pool": pool_to_dict(pool)}
 
 
+def stored_statistics(run: RunFolder, names: list[str]) -> tuple[list[ClassStatSums], CandidatePool] | None:
+    """The statistic sums of the observers `names` and the candidate pool in the run folder (None: absent)."""
+    if not (run.exists("candidates", "pool.pt") and all(run.exists("stats", f"{n}.pt") for n in names)):
+        return None
+    sums = [ClassStatSums.from_state_dict(run.load_torch("stats", f"{n}.pt")) for n in names]
+    return sums, pool_from_dict(run.load_torch("candidates", "pool.pt"))
+
+
 def statistics_stage(cfg: Config, run: RunFolder, meta: DatasetMeta, observer_refs: list,
                      names: list[str]) -> tuple[list[ClassStatSums], CandidatePool]:
     """Statistic sums per observer and the merged candidate pool, from the run folder when present."""
-    if run.exists("candidates", "pool.pt") and all(run.exists("stats", f"{n}.pt") for n in names):
-        sums = [ClassStatSums.from_state_dict(run.load_torch("stats", f"{n}.pt")) for n in names]
-        return sums, pool_from_dict(run.load_torch("candidates", "pool.pt"))
+    stored = stored_statistics(run, names)
+    if stored is not None:
+        return stored
     info = read_info(cfg.data.root)
     urls = shard_urls(cfg.data.root, info, cfg.data.train_split)
     groups = [urls[i::cfg.ray.stats_tasks] for i in range(min(cfg.ray.stats_tasks, len(urls)))]
