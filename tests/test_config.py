@@ -146,13 +146,17 @@ def test_a_run_that_does_not_optimise_ignores_synthesis_settings(tmp_path):
                                              f"output.run_dir={tmp_path / 'run'}"]))
 
 
-def test_probe_names_a_dataset_outside_the_grid_and_a_missing_shared_folder(tmp_path):
+def test_probe_names_bad_arguments_and_a_missing_shared_folder(tmp_path):
     base = os.path.join(REPO, "configs", "benchmark", "mnist-base.yaml")
     path = write(tmp_path, {"output": str(tmp_path / "bench"), "datasets": {"mnist": base}})
     with pytest.raises(SystemExit, match=r"--dataset 'cifar' is not in .*choose one of mnist"):
         probe.main(["--grid", path, "--dataset", "cifar", "--ipc", "1"])
     with pytest.raises(SystemExit, match=r"no shared observers and statistics for mnist .*--ipc 10"):
         probe.main(["--grid", path, "--dataset", "mnist", "--ipc", "10"])
+    with pytest.raises(SystemExit, match=r"config error: synthesis.ipc: 0 is not allowed; ipc must be >= 1"):
+        probe.main(["--grid", path, "--dataset", "mnist", "--ipc", "0"])
+    with pytest.raises(SystemExit, match=r"config error: method: 'foo' is not allowed; choose one of edc"):
+        probe.main(["--grid", path, "--dataset", "mnist", "--ipc", "1", "--method", "foo"])
 
 
 def test_overrides_apply_on_top_of_the_file(tmp_path):

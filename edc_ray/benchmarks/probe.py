@@ -21,6 +21,7 @@ import torch
 from edc_ray.algo.condense import bottom_k, build_observers, make_units, synthesize_class_unit
 from edc_ray.algo.student import train_student
 from edc_ray.benchmarks.grid import Cell, cell_config, load_grid, shared_folders
+from edc_ray.config import ConfigError
 from edc_ray.pipeline.common import DatasetMeta, build_model
 from edc_ray.pipeline.evaluation import load_images
 from edc_ray.pipeline.observers import load_observers, observer_names
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--dataset {args.dataset!r} is not in {args.grid}; choose one of "
                          f"{', '.join(grid.datasets)}")
     grid.variants = {"probe": args.set}  # a variant's overrides come last, over the IPC budget
-    cfg = cell_config(grid, Cell(args.dataset, args.method, args.ipc, "probe"))
+    try:
+        cfg = cell_config(grid, Cell(args.dataset, args.method, args.ipc, "probe"))
+    except ConfigError as err:  # a bad --method, --ipc or --set value, named by the config
+        raise SystemExit(f"config error: {err}") from None
     folders = shared_folders(grid, cfg, args.dataset)
     stored = stored_statistics(RunFolder(folders["statistics"]), observer_names(cfg))
     if stored is None:
