@@ -70,13 +70,17 @@ class StatisticsConfig:
     patch: bool = True
     patch_size: int = 4  # P: 4 for <= 64 px images, 16 for 224 px
     batch_size: int = 256
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    loader_workers: int = 2  # background processes decoding the next batches while the observers run
 
 
 @dataclass
 class InitConfig:
     """How synthetic images start (METHOD.md 1.3)."""
 
-    mode: Literal["real", "mosaic", "noise"] = "real"
+    # real: low-loss real images; mosaic: f x f stitches of low-loss crops; noise: Gaussian noise;
+    # random: the ipc lowest-priority candidates, i.e. a uniform random real subset (the baseline)
+    mode: Literal["real", "mosaic", "noise", "random"] = "real"
     candidates_per_class: int = 300
     # real init samples each class's ipc images, distinct, from the lowest-loss `pool_fraction` of its
     # scored candidates (never fewer than ipc); 0 keeps exactly the ipc lowest-loss ones (METHOD.md
@@ -109,6 +113,8 @@ class SynthesisConfig:
     flatness_tau: float = 4.0
     observers: list[int] | None = None  # observer indices synthesis (and mosaic scoring) uses (None: all)
     match: list[Literal["bn", "conv", "patch"]] = field(default_factory=lambda: ["bn", "conv", "patch"])
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # run each observer's step under torch.compile
 
 
 @dataclass
@@ -136,6 +142,7 @@ class EvaluationConfig:
     random_baseline: bool = True  # also evaluate IPC random real images per class
     val_batch_size: int = 500
     eval_every: int = 50  # validate (and checkpoint) every N epochs, and after the last
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     seeds: list[int] = field(default_factory=lambda: [0])  # one student per seed; mean and std reported
 
 
@@ -152,6 +159,8 @@ class RayConfig:
     train_use_gpu: bool = False
     train_worker_cpus: float = 1.0
     stats_tasks: int = 2
+    stats_cpus: float = 1.0  # per statistics (and merge) task
+    stats_gpus: float = 0.0  # per statistics (and merge) task; fractional allowed
     dashboard: bool = True  # start the dashboard with a local instance (Ray Train's state API needs it)
 
 
@@ -440,6 +449,11 @@ def validate(cfg: Config) -> None:
     _check(r.train_workers >= 1, "ray.train_workers", r.train_workers, "must be >= 1")
     _check(r.actor_cpus >= 0 and r.actor_gpus >= 0, "ray.actor_cpus/actor_gpus",
            (r.actor_cpus, r.actor_gpus), "must be >= 0")
+    _check(r.stats_tasks >= 1, "ray.stats_tasks", r.stats_tasks, "must be >= 1")
+    _check(r.stats_cpus >= 0 and r.stats_gpus >= 0, "ray.stats_cpus/stats_gpus", (r.stats_cpus, r.stats_gpus),
+           "must be >= 0")
+    _check(st.batch_size >= 1, "statistics.batch_size", st.batch_size, "must be >= 1")
+    _check(st.loader_workers >= 0, "statistics.loader_workers", st.loader_workers, "must be >= 0")
 
 
 def _known_archs() -> str:

@@ -4,9 +4,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import ray
 import torch
+from PIL import Image
 
 from edc_ray.storage.local_s3 import SeaweedS3, environ
+from tiny import make_tiny
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -35,3 +38,35 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
             yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private local Ray instance of 2 CPUs for the module."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_imagefolder(tmp_path_factory):
+    """A 3-class 12x12 grayscale ImageFolder (train 20 + test 10 per class)."""
+    root = tmp_path_factory.mktemp("tiny-src")
+    for split, per_class, seed in (("train", 20, 0), ("test", 10, 1)):
+        images, labels = make_tiny(per_class=per_class, seed=seed)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = root / split / f"class{int(label)}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[0].numpy()).save(folder / f"{i:04d}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def observer_weights(tmp_path_factory) -> str:
+    """Fixed weights of a ConvNet-D2 for the tiny set, so that runs skip observer training (Ray Train)."""
+    from edc_ray.pipeline.common import DatasetMeta, build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "convnet_d2.pt"
+    torch.save(build_model("convnet_d2", DatasetMeta(3, 1, 12, (0.2,), (0.3,))).state_dict(), path)
+    return str(path)

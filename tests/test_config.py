@@ -106,7 +106,7 @@ def _run_folder_with(tmp_path, cfg, markers: list[str]) -> RunFolder:
     ([], "observers.epochs=9", None),  # nothing computed yet: any change is the new run
     (["observers/0-convnet_d2.json"], "synthesis.lr=0.5", None),  # later stages are still to come
     (["observers/0-convnet_d2.json"], "observers.epochs=9", "observers"),
-    (["candidates/pool.pt"], "init.candidates_per_class=7", "statistics"),
+    (["candidates/_complete.json"], "init.candidates_per_class=7", "statistics"),
     (["distilled/unit-00000.tar"], "synthesis.lr=0.5", "synthesis"),
     (["eval/distilled-convnet_d2.json"], "evaluation.epochs=9", "evaluation"),
     (["eval/distilled-convnet_d2.json"], "evaluation.students=[convnet, convnet_d2]", None),

@@ -10,11 +10,12 @@ import pytest
 import ray
 import torch
 
-from edc_ray.algo.condense import CandidatePool, accumulate_statistics
+from edc_ray.algo.candidates import Candidates
+from edc_ray.algo.condense import accumulate_statistics
 from edc_ray.config import Config, ObserverSpec, StatisticsConfig
-from edc_ray.pipeline.common import DatasetMeta, build_model, observer_payload
+from edc_ray.pipeline.common import DatasetMeta, ObserverSet, build_model, observer_payload
 from edc_ray.pipeline.observers import observers_stage
-from edc_ray.pipeline.statistics import pool_to_dict
+from edc_ray.pipeline.statistics import save_statistics
 from edc_ray.pipeline.synthesis import synthesis_stage
 from edc_ray.storage.run_folder import RunFolder
 from tiny import MEAN, STD, make_tiny
@@ -39,15 +40,23 @@ def metrics_port():
 
 @pytest.fixture(scope="module")
 def shared(metrics_port):
-    """Observers, statistic sums and candidates of a 4-class tiny set, put into the object store once."""
+    """The observer of a 4-class tiny set in the object store, and its statistic sums and candidates."""
     images, labels = make_tiny(num_classes=4, per_class=8)
     torch.manual_seed(0)
     model = build_model("convnet_d2", META).eval()  # untrained: the stage's mechanics do not care
     sums = accumulate_statistics(model, [(images, labels)], 4, StatisticsConfig(patch_size=4), MEAN, STD)
-    pool = CandidatePool([str(i) for i in range(len(images))], labels,
-                         torch.rand(len(images), dtype=torch.float64), torch.rand(len(images)), images)
-    return [ray.put(observer_payload("convnet_d2", model)), ray.put([sums.state_dict()]),
-            ray.put(pool_to_dict(pool))]
+    cands = Candidates([str(i) for i in range(len(images))], labels, torch.rand(len(images), dtype=torch.float64),
+                       torch.rand(len(images)), list(images))
+    return ObserverSet(("0-convnet_d2",), ("convnet_d2",), (ray.put(observer_payload("convnet_d2", model)),)), \
+        sums, cands
+
+
+def seeded(shared, folder) -> RunFolder:
+    """A run folder holding the statistics stage's outputs, as synthesis finds them."""
+    observers, sums, cands = shared
+    run = RunFolder(str(folder))
+    save_statistics(run, observers.names, 4, [sums], cands, len(cands), 10)
+    return run
 
 
 def config(iterations: int = 1000) -> Config:
@@ -65,12 +74,13 @@ def shards(folder) -> dict[str, bytes]:
 
 
 def test_killed_actor_unit_is_redone_and_output_is_identical(shared, tmp_path):
-    reference = synthesis_stage(config(), RunFolder(str(tmp_path / "ref")), META, shared)
-    assert sorted(r["unit"] for r in reference["units_run"]) == [0, 1, 2, 3]
+    reference = synthesis_stage(config(), seeded(shared, tmp_path / "ref"), META, shared[0])
+    assert sorted(r["unit"] for r in reference.units_run) == [0, 1, 2, 3]
 
     outcome = {}
+    killed = seeded(shared, tmp_path / "killed")
     stage = threading.Thread(target=lambda: outcome.update(
-        synthesis_stage(config(), RunFolder(str(tmp_path / "killed")), META, shared)))
+        result=synthesis_stage(config(), killed, META, shared[0])))
     stage.start()
     # Unit 0 goes to SynthesisWorker-0; once its shard is committed, that actor is busy with its
     # second unit (about a second of work): kill it then.
@@ -81,26 +91,27 @@ def test_killed_actor_unit_is_redone_and_output_is_identical(shared, tmp_path):
     ray.kill(ray.get_actor("SynthesisWorker-0"), no_restart=False)
     stage.join(timeout=300)
     assert not stage.is_alive()
-    assert outcome["requeued"], "the kill did not hit a running unit"
-    assert sorted(r["unit"] for r in outcome["units_run"]) == [0, 1, 2, 3]  # each exactly once
+    assert outcome["result"].requeued, "the kill did not hit a running unit"
+    assert sorted(r["unit"] for r in outcome["result"].units_run) == [0, 1, 2, 3]  # each exactly once
     assert shards(tmp_path / "killed") == shards(tmp_path / "ref")
 
 
 def test_rerun_redoes_only_missing_or_torn_units(shared, tmp_path):
     folder = tmp_path / "run"
-    synthesis_stage(config(50), RunFolder(str(folder)), META, shared)
+    run = seeded(shared, folder)
+    synthesis_stage(config(50), run, META, shared[0])
     complete = shards(folder)
     os.remove(folder / "distilled" / "unit-00001.tar")
     torn = folder / "distilled" / "unit-00002.tar"
     torn.write_bytes(complete["unit-00002.tar"][:700])  # a cut copy
-    again = synthesis_stage(config(50), RunFolder(str(folder)), META, shared)
-    assert sorted(r["unit"] for r in again["units_run"]) == [1, 2]
+    again = synthesis_stage(config(50), run, META, shared[0])
+    assert sorted(r["unit"] for r in again.units_run) == [1, 2]
     assert shards(folder) == complete
-    assert synthesis_stage(config(50), RunFolder(str(folder)), META, shared)["units_run"] == []
+    assert synthesis_stage(config(50), run, META, shared[0]).units_run == ()
 
 
 def test_progress_metrics_reach_the_metrics_endpoint(shared, metrics_port, tmp_path):
-    synthesis_stage(config(20), RunFolder(str(tmp_path / "m")), META, shared)
+    synthesis_stage(config(20), seeded(shared, tmp_path / "m"), META, shared[0])
     wanted = ("ray_edc_synthesis_units", "ray_edc_synthesis_images", "ray_edc_synthesis_loss")
     text, deadline = "", time.time() + 60
     while time.time() < deadline and not all(w in text for w in wanted):

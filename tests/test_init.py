@@ -1,8 +1,8 @@
 """Candidate scoring, distinct real initialisation, mosaics and patch shuffling."""
 import torch
 
-from edc_ray.algo.init import (lowest_per_class, mosaic_init, sample_priority, shuffle_patches,
-                               stitch_mosaic)
+from edc_ray.algo.candidates import sample_priority
+from edc_ray.algo.init import lowest_per_class, mosaic_init, shuffle_patches, stitch_mosaic
 from edc_ray.models import create_model
 
 

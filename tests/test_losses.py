@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edc_ray.algo.losses import (class_target_average, flatness_kl, kl_distill_loss,
-                                 layer_matching_loss, mse_ce_loss, smoothed_statistic,
-                                 soft_cross_entropy)
+from edc_ray.algo.losses import flatness_kl, kl_distill_loss, mse_ce_loss, smoothed_statistic, soft_cross_entropy
+from edc_ray.algo.matching import MatchingPlan
 from edc_ray.algo.stats import LayerTargets
 
 
@@ -27,12 +26,6 @@ def test_smoothed_statistic_starts_from_first_value():
     assert value.item() == 10.0 and running.item() == 10.0
 
 
-def test_class_target_average_is_label_frequency_weighted():
-    per_class = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
-    out = class_target_average(per_class, torch.tensor([0, 0, 2]))
-    assert torch.allclose(out, torch.tensor([7 / 3, 10 / 3]))
-
-
 def _targets():
     return LayerTargets(
         "conv",
@@ -42,24 +35,15 @@ def _targets():
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_layer_matching_loss_hand_computed(alpha):
-    stats = {"mean": torch.tensor([0.0, 0.0]), "var": torch.tensor([1.0, 3.0])}
-    labels = torch.tensor([1, 1, 0, 0])  # class average of means: (3, 4)
+def test_soft_category_aware_matching_hand_computed(alpha):
+    block = torch.tensor([0.0, 0.0, 1.0, 3.0])  # mean (0, 0), var (1, 3)
+    rows = torch.tensor([1, 1, 0, 0])  # label-frequency class average of means: (3, 4)
     # global: ||(3,4)|| + ||(0,-2)|| = 5 + 2; class: ||(3,4)|| + ||(0,-2)|| = 7
-    expected = alpha * 7 + (1 - alpha) * 7
-    assert layer_matching_loss(stats, _targets(), labels, alpha).item() == pytest.approx(expected)
-    labels = torch.tensor([0, 0])  # class average (0, 0): class mean term vanishes -> 0 + 2
-    expected = alpha * 7 + (1 - alpha) * 2
-    assert layer_matching_loss(stats, _targets(), labels, alpha).item() == pytest.approx(expected)
-
-
-def test_matching_norm_is_plain_not_squared():
-    stats = {"mean": torch.tensor([0.0, 0.0], requires_grad=True)}
-    t = LayerTargets("bn", {"mean": torch.tensor([30.0, 40.0])}, {"mean": torch.zeros(1, 2)})
-    loss = layer_matching_loss(stats, t, torch.tensor([0]), 1.0)
-    assert loss.item() == pytest.approx(50.0)
-    loss.backward()
-    assert torch.allclose(stats["mean"].grad, torch.tensor([-0.6, -0.8]))  # unit vector
+    plan = MatchingPlan.build([_targets()], rows, alpha, first_layer_weight=1.0)
+    assert plan.loss([block], None, 0.0)[0].item() == pytest.approx(alpha * 7 + (1 - alpha) * 7)
+    plan = MatchingPlan.build([_targets()], torch.tensor([0, 0]), alpha, first_layer_weight=1.0)
+    # class average (0, 0): the class mean term vanishes -> 0 + 2
+    assert plan.loss([block], None, 0.0)[0].item() == pytest.approx(alpha * 7 + (1 - alpha) * 2)
 
 
 def test_flatness_kl_hand_computed_and_zero_when_equal():

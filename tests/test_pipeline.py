@@ -2,37 +2,14 @@
 import os
 
 import pytest
-import ray
-import torch
 from PIL import Image
 
 from edc_ray.config import load_config
 from edc_ray.pipeline.run import run_pipeline
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import iter_samples, load_split
-from tiny import make_tiny
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_imagefolder(tmp_path_factory):
-    """A 3-class 12x12 grayscale ImageFolder (train 20 + test 10 per class)."""
-    root = tmp_path_factory.mktemp("tiny-src")
-    for split, per_class, seed in (("train", 20, 0), ("test", 10, 1)):
-        images, labels = make_tiny(per_class=per_class, seed=seed)
-        for i, (image, label) in enumerate(zip(images, labels)):
-            folder = root / split / f"class{int(label)}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image[0].numpy()).save(folder / f"{i:04d}.png")
-    return str(root)
 
 
 def tiny_overrides(src: str, data_root: str, run_dir: str, evaluate: bool = True) -> list[str]:
@@ -66,14 +43,13 @@ def test_pipeline_end_to_end(ray_local, tiny_imagefolder, tmp_path):
     report = run_pipeline(tiny_config(tiny_imagefolder, data_root, run_dir))
     run = RunFolder(run_dir)
 
-    # every unit written exactly once, by both named actors, which read the same shared objects
+    # every unit written exactly once, by named actors that had started (units never wait on the others)
     synth = report["synthesis"]
     assert synth["units_total"] == 3
     assert sorted(r["unit"] for r in synth["units_run"]) == [0, 1, 2]
-    assert {w["name"] for w in synth["workers"]} == {"SynthesisWorker-0", "SynthesisWorker-1"}
-    assert {r["worker"] for r in synth["units_run"]} == {"SynthesisWorker-0", "SynthesisWorker-1"}
-    assert len({tuple(w["ref_ids"]) for w in synth["workers"]}) == 1  # one object, shared
-    assert len({w["pid"] for w in synth["workers"]}) == 2
+    started = {w["name"] for w in synth["workers"]}
+    assert {r["worker"] for r in synth["units_run"]} <= started <= {"SynthesisWorker-0", "SynthesisWorker-1"}
+    assert len({w["pid"] for w in synth["workers"]}) == len(started)
 
     # shards readable, labels right, images changed by synthesis
     train_images, _, _ = load_split(data_root, "train")
@@ -101,8 +77,9 @@ def test_pipeline_end_to_end(ray_local, tiny_imagefolder, tmp_path):
     assert "| convnet_d2 | distilled |" in open(run.path("report.md")).read()
     with Image.open(run.path("preview.png")) as preview:
         assert preview.format == "PNG" and preview.height > 3 * 12 and preview.width > 2 * 12  # 3 rows x 2
-    assert run.exists("config.yaml") and run.exists("stats", "0-convnet_d2.pt")
-    assert os.path.isdir(run.path("eval", "distilled-convnet_d2"))  # Ray Train storage with checkpoints
+    assert run.exists("config.yaml") and run.exists("stats", "global.pt") and run.exists("stats", "_complete.json")
+    assert not run.exists("stats", "parts")  # the partial results are gone once merged
+    assert all(os.path.isdir(run.path("eval", f"distilled-convnet_d2-seed{k}")) for k in (0, 1))  # Ray Train runs
 
     # a re-run resumes: nothing is redone, the distilled set is untouched
     before = shard_bytes(run_dir)
@@ -120,5 +97,5 @@ def test_same_seed_gives_byte_identical_distilled_shards(ray_local, tiny_imagefo
     a, b = shard_bytes(first), shard_bytes(second)
     assert list(a) == ["unit-00000.tar", "unit-00001.tar", "unit-00002.tar"]
     assert a == b
-    assert torch.equal(RunFolder(first).load_torch("stats", "0-convnet_d2.pt")["counts"],
-                       torch.tensor([20, 20, 20]))
+    assert [RunFolder(first).class_statistics(c)["0-convnet_d2"].counts.tolist() for c in range(3)] == \
+        [[20], [20], [20]]

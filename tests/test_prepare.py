@@ -19,7 +19,7 @@ from PIL import Image
 
 from edc_ray.storage import (
     ShardReadError,
-    decode_png,
+    decode_image,
     encode_png,
     iter_samples,
     load_split,
@@ -393,7 +393,7 @@ def test_real_mnist_header_parses() -> None:
 
 def test_png_codec_round_trip() -> None:
     rgb, gray = _images(1, 3, 3)[0], _images(1, 3)[0]
-    assert torch.equal(decode_png(encode_png(rgb)), torch.from_numpy(rgb).permute(2, 0, 1))
-    assert torch.equal(decode_png(encode_png(gray[:, :, None])), torch.from_numpy(gray)[None])
+    assert torch.equal(decode_image(encode_png(rgb)), torch.from_numpy(rgb).permute(2, 0, 1))
+    assert torch.equal(decode_image(encode_png(gray[:, :, None])), torch.from_numpy(gray)[None])
     with pytest.raises(ValueError, match="uint8"):
         encode_png(rgb.astype(np.float32))

@@ -20,13 +20,12 @@ import yaml
 
 from edc_ray.config import Config, EvaluationConfig, ObserverSpec
 from edc_ray.pipeline import evaluation
-from edc_ray.pipeline.common import DatasetMeta, build_model, observer_payload
-from edc_ray.pipeline.evaluation import evaluate_set
+from edc_ray.pipeline.common import DatasetMeta, ObserverSet, build_model, observer_payload
+from edc_ray.pipeline.evaluation import EvalSet, fit_seed
 from edc_ray.pipeline.synthesis import unit_samples
 from edc_ray.storage.prepare import prepare_dataset
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import read_info, write_shard
-from test_pipeline import tiny_imagefolder  # noqa: F401 (a fixture, used by name)
 from tiny import MEAN, STD, make_tiny
 
 pytestmark = pytest.mark.slow
@@ -95,15 +94,6 @@ def kill_session(driver: subprocess.Popen) -> list[int]:
 
 
 # ---------------------------------------------------------------- the driver killed mid-synthesis
-
-@pytest.fixture(scope="module")
-def observer_weights(tmp_path_factory) -> str:
-    """Fixed observer weights, so that the runs skip observer training (Ray Train) and start synthesis sooner."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "convnet_d2.pt"
-    torch.save(build_model("convnet_d2", META).state_dict(), path)
-    return str(path)
-
 
 def write_job_config(path: Path, src: str, data_root: str, weights: str) -> str:
     """A tiny condense job: 3 one-class units, synthesised one after another (~1.5 s each), no evaluation."""
@@ -261,7 +251,8 @@ def test_evaluation_resumes_from_last_checkpoint_after_worker_dies(ray_local, ti
     distilled = run.unit_shard(0)
     write_shard(distilled, unit_samples(0, images, labels))
     torch.manual_seed(0)
-    teacher = ray.put(observer_payload("convnet_d2", build_model("convnet_d2", META)))
+    teacher = ObserverSet(("0-convnet_d2",), ("convnet_d2",),
+                          (ray.put(observer_payload("convnet_d2", build_model("convnet_d2", META))),))
 
     cfg = Config()
     cfg.observers.models = [ObserverSpec("convnet_d2")]
@@ -276,13 +267,14 @@ def test_evaluation_resumes_from_last_checkpoint_after_worker_dies(ray_local, ti
 
     def evaluate() -> None:
         try:
-            outcome["summary"] = evaluate_set(cfg, run, META, [teacher], "distilled", [distilled], "convnet_d2")
+            outcome["summary"] = fit_seed(cfg, run, META, teacher, EvalSet("distilled", (distilled,), len(images)),
+                                          "convnet_d2", 0)
         except BaseException as exn:  # noqa: BLE001 (reported by the assertion below)
             outcome["error"] = exn
 
     thread = threading.Thread(target=evaluate)
     thread.start()
-    storage = Path(run.path("eval", "distilled-convnet_d2"))
+    storage = Path(run.path("eval", "distilled-convnet_d2-seed0"))
     # Two complete checkpoints: a worker's report returns only once the controller took it, so the
     # first one is registered with Ray Train by the time the second one's files exist.
     deadline = time.monotonic() + WAIT_S
@@ -307,6 +299,6 @@ def test_evaluation_resumes_from_last_checkpoint_after_worker_dies(ray_local, ti
     assert resumed_epoch < 60
     assert not {s["pid"] for s in resumed} & {s["pid"] for s in first}  # in new worker processes
     summary = outcome["summary"]
-    assert [r["seed"] for r in summary["per_seed"]] == [0] and summary["epochs"] == 60
+    assert summary["seed"] == 0 and run.read_json("eval", "distilled-convnet_d2-seed0.json") == summary
     assert 0.0 <= summary["final_top1"] <= summary["best_top1"] <= 100.0
     assert checkpoint_epochs(storage)[-1] == 60

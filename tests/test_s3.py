@@ -16,8 +16,7 @@ from edc_ray.storage import fsio
 from edc_ray.storage.prepare import prepare_dataset
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import ShardReadError, encode_png, iter_samples, load_split, read_info, write_shard
-from test_pipeline import tiny_config, tiny_imagefolder  # noqa: F401 (a fixture, used by name)
-from test_resume import observer_weights  # noqa: F401 (a fixture, used by name)
+from test_pipeline import tiny_config
 from tiny import make_tiny
 
 pytestmark = pytest.mark.s3
@@ -144,14 +143,18 @@ def test_pipeline_with_dataset_and_run_folder_in_s3(s3_server, ray_with_s3, tiny
     assert {"_info.json", "train/shard-000000.tar", "train/shard-000001.tar", "train/shard-000002.tar",
             "test/shard-000000.tar", "test/shard-000001.tar"} == set(data)
     written = objects_under(run_dir)
-    expected = {"config.yaml", "observers/0-convnet_d2.pt", "observers/0-convnet_d2.json", "stats/0-convnet_d2.pt",
-                "candidates/pool.pt", "distilled/_info.json", "distilled/unit-00000.tar", "distilled/unit-00001.tar",
-                "distilled/unit-00002.tar", "baseline/random-ipc2.tar", "eval/distilled-convnet_d2.json",
-                "eval/random-convnet_d2.json", "report.json", "report.md", "preview.png"}
+    expected = {"config.yaml", "observers/0-convnet_d2.pt", "observers/0-convnet_d2.json", "stats/global.pt",
+                "stats/_complete.json", "candidates/_complete.json", "distilled/_info.json",
+                "distilled/unit-00000.tar", "distilled/unit-00001.tar", "distilled/unit-00002.tar",
+                "baseline/random-ipc2/unit-00000.tar", "baseline/random-ipc2/_info.json",
+                "eval/distilled-convnet_d2.json", "eval/random-convnet_d2.json", "report.json", "report.md",
+                "preview.png"} | {f"stats/classes/class-{c:05d}.pt" for c in range(3)} | \
+        {f"candidates/class-{c:05d}.tar" for c in range(3)}
     assert expected <= set(written)
-    for name in ("observers", "distilled-convnet_d2", "random-convnet_d2"):  # Ray Train storage, in S3 too
+    assert not any(path.startswith("stats/parts/") for path in written)  # merged, then removed
+    for name in ("observers", "distilled-convnet_d2-seed0", "random-convnet_d2-seed1"):  # Ray Train storage, in S3 too
         assert any(path.startswith(f"eval/{name}/") for path in written)
-    checkpoints = [p for p in written if p.startswith("eval/distilled-convnet_d2/") and p.endswith("/rank0.pt")]
+    checkpoints = [p for p in written if p.startswith("eval/distilled-convnet_d2-seed0/") and p.endswith("/rank0.pt")]
     assert checkpoints and any(p.endswith("/rank1.pt") for p in written)
 
     for unit in range(3):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from edc_ray.algo.stats import (ClassStatSums, StatisticHooks, batch_statistics, compute_targets,
-                                hooked_layers, image_statistics, patch_resize)
+                                hooked_layers, image_statistics, patch_resize, split_moments)
 from edc_ray.models import create_model
 
 
@@ -56,7 +56,8 @@ def test_hooks_record_only_inside_capture():
     assert hooks.records == [None]
     with hooks.capture() as records:
         model(torch.randn(2, 1, 8, 8))
-    assert set(records[0]) == {"mean", "var", "patch_mean", "patch_var"}
+    assert records[0].shape == (2 * (1 + 4),)  # the 1-channel image: mean, 2x2 patch means, var, patch vars
+    assert set(split_moments(records[0], 1, patch=True)) == {"mean", "var", "patch_mean", "patch_var"}
     hooks.remove()
 
 
@@ -93,7 +94,7 @@ def test_targets_match_direct_computation():
     x = torch.randn(6, 1, 8, 8)
     y = torch.tensor([0, 0, 1, 1, 1, 0])
     sums, layers = _sums(model, [(x[:3], y[:3]), (x[3:], y[3:])], num_classes=2)
-    targets = compute_targets(sums, layers)
+    targets = compute_targets(sums.totals(), sums, layers)
     conv_t, bn_t = targets[0], targets[1]
     # conv input = the images: global = pixel moments over the whole set
     assert torch.allclose(conv_t.global_["mean"], x.mean((0, 2, 3)), atol=1e-6)
@@ -118,3 +119,31 @@ def test_state_dict_round_trip_and_merge_rejects_mismatch():
     assert torch.equal(again.sums[0]["mean"], s.sums[0]["mean"])
     with pytest.raises(ValueError, match="3 and 2 classes|2 and 3 classes"):
         s.merge(ClassStatSums(3))
+
+
+def test_blocks_and_totals_recombine_the_class_sums():
+    torch.manual_seed(2)
+    model = create_model("convnet_bn", num_classes=5, in_chans=1, image_size=8, depth=2, width=4).eval()
+    batches = [(torch.randn(6, 1, 8, 8), torch.randint(0, 5, (6,))) for _ in range(3)]
+    sums, layers = _sums(model, batches, num_classes=5)
+    parts = [sums.block(0, 2), sums.block(2, 5)]
+    again = ClassStatSums.concat(parts)
+    assert torch.equal(again.counts, sums.counts)
+    totals = parts[0].totals().merge(parts[1].totals())
+    assert totals.count == int(sums.counts.sum())
+    for a, b, t in zip(again.sums, sums.sums, totals.sums):
+        for key in a:
+            assert torch.equal(a[key], b[key]) and torch.equal(t[key], b[key].sum(0)), key
+    # targets of a subset of classes: the same rows as those of all classes
+    full = compute_targets(sums.totals(), sums, layers)
+    subset = compute_targets(totals, sums.block(3, 5), layers)
+    for f, s in zip(full, subset):
+        assert all(torch.equal(f.global_[k], s.global_[k]) for k in f.global_)
+        assert all(torch.equal(f.per_class[k][3:5], s.per_class[k]) for k in f.per_class)
+
+
+def test_out_of_range_statistics_are_refused_when_read():
+    s = ClassStatSums(1)
+    s.add([{"mean": torch.tensor([[float("inf")]])}], torch.tensor([0]))  # no host sync while adding
+    with pytest.raises(OverflowError, match="fixed-point range"):
+        s.state_dict()

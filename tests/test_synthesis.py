@@ -2,11 +2,13 @@
 import pytest
 import torch
 
-from edc_ray.algo.condense import (accumulate_statistics, build_observers, candidate_pool, condense,
-                                   initial_images, make_units, merge_candidate_pools, real_init_positions,
-                                   synthesize_class_unit, unit_seed)
+from edc_ray.algo.candidates import CandidateReservoir, Candidates, bottom_k, sample_priority
+from edc_ray.algo.condense import (accumulate_statistics, build_observers, candidates_in_memory, condense,
+                                   initial_images, make_units, real_init_positions, synthesize_class_unit,
+                                   unit_seed)
+from edc_ray.algo.matching import layer_weights
 from edc_ray.algo.student import normalize
-from edc_ray.algo.synthesis import layer_weights, matching_loss
+from edc_ray.algo.synthesis import matching_loss
 from edc_ray.config import Config, StatisticsConfig
 from tiny import MEAN, STD, make_tiny, tiny_observers
 
@@ -33,7 +35,12 @@ def _cfg(**synthesis):
 def _observers(images, labels, models, cfg):
     batches = [(images[s:s + 16], labels[s:s + 16]) for s in range(0, len(images), 16)]
     sums = [accumulate_statistics(m, batches, 3, cfg.statistics, MEAN, STD) for m in models]
-    return build_observers(models, sums, cfg.statistics)
+    return build_observers(models, [s.totals() for s in sums], sums, range(3), cfg.statistics)
+
+
+def _pool(images, labels, models, per_class=10):
+    return candidates_in_memory(models, images, labels, [str(i) for i in range(len(images))], per_class, 0, MEAN,
+                                STD)
 
 
 def test_layer_weights():
@@ -46,29 +53,30 @@ def test_units_and_seeds():
     assert len({unit_seed(0, u) for u in range(50)} | {unit_seed(1, 0)}) == 51
 
 
-def test_candidate_pools_merge_like_a_single_pass(tiny):
+def test_candidates_are_a_uniform_sample_scored_by_the_ensemble(tiny):
     images, labels, models = tiny
     keys = [f"train-{i:08d}" for i in range(len(images))]
-    single = candidate_pool(models, images, labels, keys, 7, 0, MEAN, STD)
-    parts = [candidate_pool(models, images[s:s + 25], labels[s:s + 25], keys[s:s + 25], 7, 0, MEAN, STD)
-             for s in range(0, len(images), 25)]
-    merged = merge_candidate_pools(parts, 7)
-    assert merged.keys == single.keys
-    assert torch.equal(merged.images, single.images)
-    assert torch.allclose(merged.losses, single.losses, atol=1e-6)
-    assert torch.bincount(single.labels).tolist() == [7, 7, 7]
+    cands = candidates_in_memory(models, images, labels, keys, 7, 0, MEAN, STD)
+    assert torch.bincount(cands.labels).tolist() == [7, 7, 7]
+    for c in range(3):  # the 7 lowest priorities of each class, in priority order
+        own = [k for k, y in zip(keys, labels.tolist()) if y == c]
+        expected = sorted(own, key=lambda k: sample_priority(k, 0))[:7]
+        assert [k for k, y in zip(cands.keys, cands.labels.tolist()) if y == c] == expected
+    index = [keys.index(k) for k in cands.keys]
+    assert torch.equal(cands.images(), images[index])
+    assert not torch.isnan(cands.losses).any() and (cands.losses >= 0).all()
 
 
 def test_real_init_picks_distinct_lowest_loss_candidates(tiny):
     images, labels, models = tiny
     cfg = _cfg(ipc=4)
     cfg.init.pool_fraction = 0.0  # METHOD.md 1.3's exactly-lowest-loss init
-    pool = candidate_pool(models, images, labels, [str(i) for i in range(len(images))], 10, 0, MEAN, STD)
+    pool = _pool(images, labels, models)
     x, y = initial_images(pool, [0, 2], 4, cfg, models, MEAN, STD, torch.Generator().manual_seed(0))
     assert y.tolist() == [0] * 4 + [2] * 4
     assert len({tuple(img.flatten().tolist()) for img in x}) == 8  # no duplicated seeds
-    class0 = pool.losses[pool.labels == 0]
-    expected = normalize(pool.images[pool.labels == 0][torch.argsort(class0)[:4]], MEAN, STD)
+    class0 = pool.of_class(0)
+    expected = normalize(class0.images(torch.argsort(class0.losses)[:4]), MEAN, STD)
     assert torch.allclose(x[:4], expected)
 
 
@@ -76,8 +84,9 @@ def test_real_init_samples_distinct_images_from_the_low_loss_fraction(tiny):
     images, labels, models = tiny
     cfg = _cfg(ipc=3)
     cfg.init.pool_fraction = 0.5
-    pool = candidate_pool(models, images, labels, [str(i) for i in range(len(images))], 10, 0, MEAN, STD)
-    sorted0 = pool.images[pool.labels == 0][torch.argsort(pool.losses[pool.labels == 0])]
+    pool = _pool(images, labels, models)
+    class0 = pool.of_class(0)
+    sorted0 = class0.images(torch.argsort(class0.losses))
     low_half = {tuple(normalize(img[None], MEAN, STD).flatten().tolist()) for img in sorted0[:5]}
     picks = []
     for seed in range(4):
@@ -101,13 +110,13 @@ def test_synthesis_lowers_matching_loss_changes_images_and_is_deterministic(tiny
     images, labels, models = tiny
     cfg = _cfg()
     observers = _observers(images, labels, models, cfg)
-    pool = candidate_pool(models, images, labels, [str(i) for i in range(len(images))], 10, 0, MEAN, STD)
+    pool = _pool(images, labels, models)
     x0, y = initial_images(pool, [0, 1], 2, cfg, models, MEAN, STD, torch.Generator().manual_seed(0))
     cfg_noise = _cfg()
     cfg_noise.init.mode = "noise"
     for c in (cfg, cfg_noise):
-        out, out_labels, history = synthesize_class_unit(0, [0, 1], observers, pool, c, MEAN, STD)
-        again, _, _ = synthesize_class_unit(0, [0, 1], observers, pool, c, MEAN, STD)
+        out, out_labels, history = synthesize_class_unit(0, [0, 1], models, observers, pool, c, MEAN, STD)
+        again, _, _ = synthesize_class_unit(0, [0, 1], models, observers, pool, c, MEAN, STD)
         assert torch.equal(out, again)
         assert out.dtype == torch.uint8 and out.shape == (4, 1, 12, 12)
         assert out_labels.tolist() == [0, 0, 1, 1]
@@ -124,11 +133,11 @@ def test_jitter_changes_the_optimised_views_deterministically(tiny):
     images, labels, models = tiny
     cfg = _cfg(iterations=5)
     observers = _observers(images, labels, models, cfg)
-    pool = candidate_pool(models, images, labels, [str(i) for i in range(len(images))], 10, 0, MEAN, STD)
-    plain, _, _ = synthesize_class_unit(0, [0, 1], observers, pool, cfg, MEAN, STD)
+    pool = _pool(images, labels, models)
+    plain, _, _ = synthesize_class_unit(0, [0, 1], models, observers, pool, cfg, MEAN, STD)
     cfg.synthesis.jitter = 2
-    jittered, _, _ = synthesize_class_unit(0, [0, 1], observers, pool, cfg, MEAN, STD)
-    again, _, _ = synthesize_class_unit(0, [0, 1], observers, pool, cfg, MEAN, STD)
+    jittered, _, _ = synthesize_class_unit(0, [0, 1], models, observers, pool, cfg, MEAN, STD)
+    again, _, _ = synthesize_class_unit(0, [0, 1], models, observers, pool, cfg, MEAN, STD)
     assert torch.equal(jittered, again) and not torch.equal(jittered, plain)
 
 
@@ -139,3 +148,33 @@ def test_condense_api_end_to_end(tiny):
     b_images, _ = condense(models, images, labels, 3, MEAN, STD, cfg)
     assert a_images.shape == (6, 1, 12, 12) and a_labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert torch.equal(a_images, b_images)
+
+
+def test_reservoir_over_a_stream_equals_a_single_pass_bottom_k(tiny):
+    images, labels, _ = tiny
+    keys = [f"k{i:04d}" for i in range(len(images))]
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(3)).tolist()  # any arrival order
+    priorities = torch.tensor([sample_priority(k, 0) for k in keys], dtype=torch.float64)
+    single = bottom_k(Candidates(keys, labels, priorities, torch.zeros(len(keys)), list(images)), 5)
+    reservoir = CandidateReservoir(3, 5)
+    for start in range(0, len(order), 7):
+        batch = order[start:start + 7]
+        reservoir.offer(Candidates([keys[i] for i in batch], labels[batch], priorities[batch],
+                                   torch.zeros(len(batch)), [images[i] for i in batch]))
+    streamed = reservoir.result()
+    assert streamed.keys == single.keys and torch.equal(streamed.images(), single.images())
+    assert len(reservoir.held) <= 3 * 5
+
+
+def test_reservoir_keeps_sources_instead_of_bytes_above_the_threshold(tiny):
+    images, labels, _ = tiny
+    keys = [f"k{i:04d}" for i in range(len(images))]
+    priorities = torch.tensor([sample_priority(k, 0) for k in keys], dtype=torch.float64)
+    cands = Candidates(keys, labels, priorities, torch.zeros(len(keys)), list(images),
+                       [("src", i) for i in range(len(keys))])
+    reservoir = CandidateReservoir(3, 5, hold_below=torch.full((3,), 0.5))
+    reservoir.offer(cands)
+    held = reservoir.result()
+    assert held.keys == bottom_k(cands, 5).keys  # the sample does not change
+    for priority, payload, source in zip(held.priorities.tolist(), held.payloads, held.sources):
+        assert (payload is None) == (priority > 0.5) and source is not None

@@ -15,24 +15,31 @@ _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 _TRIES = 10
 
 
+def _device(generator: torch.Generator | None) -> torch.device:
+    """Where a generator draws (random numbers are made where they are used: no host-device copies)."""
+    return torch.device("cpu") if generator is None else generator.device
+
+
 def rrc_boxes(n: int, height: int, width: int, scale: tuple[float, float],
               generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample torchvision-style RandomResizedCrop boxes, one per image: (n, 4) = (top, left, h, w).
 
     Ten tries per image of (area fraction in `scale`, log-uniform aspect in [3/4, 4/3]); the first box
-    that fits is kept, else the whole image (as torchvision falls back to a centre crop).
+    that fits is kept, else the whole image (as torchvision falls back to a centre crop). Drawn on the
+    generator's device, without a host sync.
     """
+    device = _device(generator)
     area = height * width
-    frac = torch.empty(n, _TRIES).uniform_(scale[0], scale[1], generator=generator)
-    aspect = torch.exp(torch.empty(n, _TRIES).uniform_(*_LOG_RATIO, generator=generator))
+    frac = torch.empty(n, _TRIES, device=device).uniform_(scale[0], scale[1], generator=generator)
+    aspect = torch.exp(torch.empty(n, _TRIES, device=device).uniform_(*_LOG_RATIO, generator=generator))
     w = torch.round(torch.sqrt(area * frac * aspect))
     h = torch.round(torch.sqrt(area * frac / aspect))
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1))
-    rows = torch.arange(n)
-    h = torch.where(first >= 0, h[rows, first.clamp(min=0)], torch.full((n,), float(height)))
-    w = torch.where(first >= 0, w[rows, first.clamp(min=0)], torch.full((n,), float(width)))
-    u = torch.rand(n, 2, generator=generator)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1, device=device))
+    rows = torch.arange(n, device=device)
+    h = torch.where(first >= 0, h[rows, first.clamp(min=0)], torch.full((n,), float(height), device=device))
+    w = torch.where(first >= 0, w[rows, first.clamp(min=0)], torch.full((n,), float(width), device=device))
+    u = torch.rand(n, 2, generator=generator, device=device)
     top = torch.floor(u[:, 0] * (height - h + 1))
     left = torch.floor(u[:, 1] * (width - w + 1))
     return torch.stack([top, left, h, w], 1)
@@ -53,8 +60,10 @@ def random_crop_thetas(x: torch.Tensor, scale: tuple[float, float], flip: bool,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one RandomResizedCrop (+ optional horizontal flip) per image of `x` (N, C, H, W)."""
     n, _, height, width = x.shape
+    device = _device(generator)
     boxes = rrc_boxes(n, height, width, scale, generator)
-    flips = (torch.rand(n, generator=generator) < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
+    flips = (torch.rand(n, generator=generator, device=device) < 0.5) if flip else \
+        torch.zeros(n, dtype=torch.bool, device=device)
     return crop_thetas(boxes, height, width, flips).to(x.device, x.dtype)
 
 
@@ -74,10 +83,12 @@ def random_shift_flip(x: torch.Tensor, padding: int, flip: bool = True,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Random crop with zero padding (`RandomCrop(size, padding)`) + flip, one draw per image."""
     n, _, height, width = x.shape
-    shifts = torch.randint(-padding, padding + 1, (n, 2), generator=generator).to(x.dtype)
-    boxes = torch.stack([shifts[:, 0], shifts[:, 1],
-                         torch.full((n,), float(height)), torch.full((n,), float(width))], 1)
-    flips = (torch.rand(n, generator=generator) < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
+    device = _device(generator)
+    shifts = torch.randint(-padding, padding + 1, (n, 2), generator=generator, device=device).to(x.dtype)
+    boxes = torch.stack([shifts[:, 0], shifts[:, 1], torch.full((n,), float(height), device=device),
+                         torch.full((n,), float(width), device=device)], 1)
+    flips = (torch.rand(n, generator=generator, device=device) < 0.5) if flip else \
+        torch.zeros(n, dtype=torch.bool, device=device)
     thetas = crop_thetas(boxes, height, width, flips).to(x.device, x.dtype)
     grid = F.affine_grid(thetas, list(x.shape), align_corners=False)
     # Integer shifts land exactly on pixel centres, so "nearest" copies pixels; outside is zero.
@@ -86,7 +97,7 @@ def random_shift_flip(x: torch.Tensor, padding: int, flip: bool = True,
 
 def random_roll_offsets(n: int, jitter: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-image (dy, dx) shifts, each uniform in [-jitter, jitter] (SRe2L's jitter)."""
-    return torch.randint(-jitter, jitter + 1, (n, 2), generator=generator)
+    return torch.randint(-jitter, jitter + 1, (n, 2), generator=generator, device=_device(generator))
 
 
 def roll_images(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

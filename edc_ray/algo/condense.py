@@ -3,23 +3,28 @@
     from edc_ray.algo.condense import condense
     images, labels = condense(observers, train_images, train_labels, num_classes, mean, std, cfg)
 
-Every piece is a function the Ray layer distributes: `accumulate_statistics` per shard,
-`candidate_pool` per shard (merged with `merge_candidate_pools`), `synthesize_class_unit` per unit.
+Every piece is a function the Ray layer distributes: `StatisticsPass` runs per statistics task over
+its batches (sums and candidates merge exactly), `synthesize_class_unit` per unit.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from edc_ray.algo.init import candidate_losses, mosaic_init, noise_init, sample_priority
-from edc_ray.algo.stats import ClassStatSums, StatisticHooks, compute_targets, hooked_layers
+from edc_ray.algo.candidates import Candidates, CandidateReservoir, bottom_k, sample_priority
+from edc_ray.algo.init import candidate_losses, mosaic_init, noise_init
+from edc_ray.algo.stats import ClassStatSums, StatisticHooks, StatTotals, compute_targets, hooked_layers
 from edc_ray.algo.student import denormalize_to_uint8, normalize
+from edc_ray.algo.precision import autocast, resolve_precision
 from edc_ray.algo.synthesis import Observer, clamp_bounds, restrict_matching, synthesize_unit
 from edc_ray.config import Config, StatisticsConfig
+
+
+T = TypeVar("T")
 
 
 def observer_layers(model: nn.Module, cfg: StatisticsConfig):
@@ -27,64 +32,84 @@ def observer_layers(model: nn.Module, cfg: StatisticsConfig):
     return hooked_layers(model, bn=cfg.bn, conv=cfg.conv, patch=cfg.patch_size if cfg.patch else None)
 
 
-@torch.no_grad()
+class StatisticsPass:
+    """The one streaming pass over real images (METHOD.md 1.2-1.3), batch by batch.
+
+    Each batch runs through every observer once: with `with_sums`, forward hooks add every image's
+    layer-input statistics to exact per-class sums (one `ClassStatSums` per observer); the ensemble's
+    mean logits give every image's cross-entropy, its candidate score. Memory holds the sums (fixed by
+    the classes and layers) and one batch, never the images seen.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], num_classes: int, cfg: StatisticsConfig,
+                 mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu",
+                 with_sums: bool = True):
+        self.device = torch.device(device)
+        self.models = [m.eval().to(self.device) for m in models]
+        self.mean, self.std = mean, std
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.hooks = [StatisticHooks(observer_layers(m, cfg), mode="image") for m in self.models] \
+            if with_sums else []
+        self.sums = [ClassStatSums(num_classes) for _ in self.models] if with_sums else []
+
+    @torch.no_grad()
+    def add(self, images_uint8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Add one batch; returns each image's ensemble cross-entropy (on the device)."""
+        x = normalize(images_uint8.to(self.device, non_blocking=True), self.mean, self.std)
+        labels = labels.to(self.device, non_blocking=True)
+        logits = 0
+        for k, model in enumerate(self.models):
+            with autocast(self.precision, self.device):
+                if self.hooks:
+                    with self.hooks[k].capture() as records:
+                        out = model(x)
+                    self.sums[k].add(records, labels)
+                else:
+                    out = model(x)
+            logits = logits + out.float()
+        return F.cross_entropy(logits / len(self.models), labels, reduction="none")
+
+    def close(self) -> None:
+        """Detach the hooks."""
+        for hooks in self.hooks:
+            hooks.remove()
+
+
 def accumulate_statistics(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                           num_classes: int, cfg: StatisticsConfig, mean: Sequence[float],
                           std: Sequence[float], device: torch.device | str = "cpu") -> ClassStatSums:
-    """Per-class sums of per-image layer-input statistics over (uint8 images, labels) batches."""
-    model.eval().to(device)
-    hooks = StatisticHooks(observer_layers(model, cfg), mode="image")
-    sums = ClassStatSums(num_classes)
+    """Per-class sums of per-image layer-input statistics of one observer over (uint8 images, labels) batches."""
+    scan = StatisticsPass([model], num_classes, cfg, mean, std, device)
     try:
         for images, labels in batches:
-            with hooks.capture() as records:
-                model(normalize(images.to(device), mean, std))
-            sums.add(records, labels)
+            scan.add(images, labels)
     finally:
-        hooks.remove()
-    return sums
+        scan.close()
+    return scan.sums[0]
 
 
-@dataclass
-class CandidatePool:
-    """A uniform random sample of real images per class (bottom-k by key priority) with their losses."""
-
-    keys: list[str]
-    labels: torch.Tensor  # (n,)
-    priorities: torch.Tensor  # (n,) float64
-    losses: torch.Tensor  # (n,) ensemble cross-entropy
-    images: torch.Tensor  # (n, C, H, W) uint8
-
-
-def bottom_k(pool: CandidatePool, k: int) -> CandidatePool:
-    """The `k` samples of lowest priority per class: a uniform random sample, in pool order."""
-    keep = []
-    for c in torch.unique(pool.labels).tolist():
-        idx = torch.nonzero(pool.labels == c).flatten()
-        keep.append(idx[torch.sort(pool.priorities[idx], stable=True).indices[:k]])
-    keep_t = torch.sort(torch.cat(keep)).values if keep else torch.zeros(0, dtype=torch.long)
-    return CandidatePool([pool.keys[i] for i in keep_t.tolist()], pool.labels[keep_t],
-                         pool.priorities[keep_t], pool.losses[keep_t], pool.images[keep_t])
+def score_candidates(models: Sequence[nn.Module], cands: Candidates, mean: Sequence[float],
+                     std: Sequence[float], device: torch.device | str = "cpu", batch_size: int = 256) -> None:
+    """Fill in the ensemble loss of every candidate not scored yet (NaN), in place."""
+    todo = torch.nonzero(torch.isnan(cands.losses)).flatten()
+    for start in range(0, len(todo), batch_size):
+        index = todo[start:start + batch_size]
+        x = normalize(cands.images(index).to(device), mean, std)
+        cands.losses[index] = candidate_losses(models, x, cands.labels[index].to(device)).float().cpu()
 
 
-def candidate_pool(models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor,
-                   keys: Sequence[str], per_class: int, seed: int, mean: Sequence[float],
-                   std: Sequence[float], device: torch.device | str = "cpu") -> CandidatePool:
-    """Sample `per_class` images per class (mergeable across shards) and score them with the ensemble."""
+def candidates_in_memory(models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor,
+                         keys: Sequence[str], per_class: int, seed: int, mean: Sequence[float],
+                         std: Sequence[float], device: torch.device | str = "cpu") -> Candidates:
+    """`per_class` uniformly sampled images of each class (bottom-k by key priority), scored."""
     priorities = torch.tensor([sample_priority(k, seed) for k in keys], dtype=torch.float64)
-    pool = bottom_k(CandidatePool(list(keys), labels.long(), priorities,
-                                   torch.zeros(len(keys)), images), per_class)
-    x = normalize(pool.images.to(device), mean, std)
-    pool.losses = candidate_losses(models, x, pool.labels.to(device)).cpu()
-    return pool
-
-
-def merge_candidate_pools(pools: Sequence[CandidatePool], per_class: int) -> CandidatePool:
-    """Exact merge of per-shard pools: the same sample a single pass would pick."""
-    merged = CandidatePool([k for p in pools for k in p.keys], torch.cat([p.labels for p in pools]),
-                           torch.cat([p.priorities for p in pools]), torch.cat([p.losses for p in pools]),
-                           torch.cat([p.images for p in pools]))
-    return bottom_k(merged, per_class)
+    everything = Candidates(list(keys), labels.long(), priorities, torch.full((len(keys),), float("nan")),
+                            list(images))
+    reservoir = CandidateReservoir(int(labels.max()) + 1 if len(labels) else 1, per_class)
+    reservoir.offer(everything)
+    cands = reservoir.result()
+    score_candidates(models, cands, mean, std, device)
+    return cands
 
 
 def real_init_positions(count: int, ipc: int, pool_fraction: float, generator: torch.Generator
@@ -100,35 +125,40 @@ def real_init_positions(count: int, ipc: int, pool_fraction: float, generator: t
     return torch.sort(torch.randperm(pool, generator=generator)[:ipc]).values
 
 
-def initial_images(pool: CandidatePool, classes: Sequence[int], ipc: int, cfg: Config,
+def initial_images(cands: Candidates, classes: Sequence[int], ipc: int, cfg: Config,
                    models: Sequence[nn.Module], mean: Sequence[float], std: Sequence[float],
                    generator: torch.Generator, device: torch.device | str = "cpu"
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Starting images (normalised) and labels of a unit, by `cfg.init.mode`.
 
     real: ipc distinct candidates of each class sampled from its lowest-loss `init.pool_fraction`
-    (exactly the ipc lowest-loss ones at 0; cycled if a class has fewer than ipc);
-    mosaic: f x f stitches of the lowest-loss crops; noise: Gaussian noise.
+    (exactly the ipc lowest-loss ones at 0; cycled if a class has fewer than ipc); mosaic: f x f
+    stitches of the lowest-loss crops; noise: Gaussian noise; random: the ipc lowest-priority
+    candidates (a uniform random subset). Only the images used are decoded.
     """
     labels = torch.tensor([c for c in classes for _ in range(ipc)], dtype=torch.long)
-    shape = tuple(pool.images.shape[1:])
+    per_class = [cands.of_class(c) for c in classes]
+    for c, own in zip(classes, per_class):
+        if len(own) == 0:
+            raise ValueError(f"class {c} has no candidate images: is it missing from the train split?")
     if cfg.init.mode == "noise":
+        shape = tuple(per_class[0].images([0]).shape[1:])
         return noise_init(labels, shape, generator).to(device), labels
     xs = []
-    for c in classes:
-        idx = torch.nonzero(pool.labels == c).flatten()
-        if len(idx) == 0:
-            raise ValueError(f"class {c} has no candidate images: is it missing from the train split?")
+    for own in per_class:
         if cfg.init.mode == "mosaic":
-            x = normalize(pool.images[idx].to(device), mean, std)
-            mosaics, _ = mosaic_init(models, x, pool.labels[idx].to(device), ipc, cfg.init.factor,
+            x = normalize(own.images().to(device), mean, std)
+            mosaics, _ = mosaic_init(models, x, own.labels.to(device), ipc, cfg.init.factor,
                                      cfg.init.crops_per_image, shuffle=cfg.init.shuffle_patches,
                                      generator=generator)
             xs.append(mosaics)
+        elif cfg.init.mode == "random":
+            by_priority = bottom_k(own, ipc)
+            xs.append(normalize(by_priority.images(torch.arange(ipc) % len(by_priority)).to(device), mean, std))
         else:
-            order = idx[torch.sort(pool.losses[idx], stable=True).indices]
+            order = torch.sort(own.losses, stable=True).indices
             picks = order[real_init_positions(len(order), ipc, cfg.init.pool_fraction, generator)]
-            xs.append(normalize(pool.images[picks].to(device), mean, std))
+            xs.append(normalize(own.images(picks).to(device), mean, std))
     return torch.cat(xs), labels
 
 
@@ -143,34 +173,45 @@ def unit_seed(run_seed: int, unit: int) -> int:
     return int(np.random.SeedSequence([run_seed, unit]).generate_state(1)[0])
 
 
-def build_observers(models: Sequence[nn.Module], sums: Sequence[ClassStatSums], cfg: StatisticsConfig,
+def build_observers(models: Sequence[nn.Module], totals: Sequence[StatTotals],
+                    class_sums: Sequence[ClassStatSums], classes: Sequence[int], cfg: StatisticsConfig,
                     device: torch.device | str = "cpu", match: Sequence[str] = ("bn", "conv", "patch"),
                     select: Sequence[int] | None = None) -> list[Observer]:
-    """Observers with hooks and targets computed from their statistic sums.
+    """Observers with hooks and the targets of `classes` (the rows of `class_sums`).
 
-    `select` picks observers by index (None: all); `match` keeps only those statistic kinds of the
-    accumulated ones ("bn", "conv", "patch"), so one statistics pass serves every method.
+    `totals[k]` are observer k's sums over the whole training set (the global targets). `select` picks
+    observers by index (None: all); `match` keeps only those statistic kinds of the accumulated ones
+    ("bn", "conv", "patch"), so one statistics pass serves every method.
     """
     observers = []
     for k in range(len(models)) if select is None else select:
         model = models[k].to(device)
         layers = observer_layers(model, cfg)
-        targets = [t.to(device) for t in compute_targets(sums[k], layers)]
-        observers.append(restrict_matching(Observer(model, layers, targets), match))
+        targets = compute_targets(totals[k], class_sums[k], layers)
+        observers.append(restrict_matching(Observer(model, layers, targets, list(classes)), match))
     return observers
 
 
-def synthesize_class_unit(unit: int, classes: Sequence[int], observers: Sequence[Observer],
-                          pool: CandidatePool, cfg: Config, mean: Sequence[float], std: Sequence[float],
-                          device: torch.device | str = "cpu",
+def selected(items: Sequence[T], select: Sequence[int] | None) -> list[T]:
+    """The observers (models, names) a method's synthesis and mosaic scoring use: `synthesis.observers`
+    indices, None for all."""
+    return list(items) if select is None else [items[k] for k in select]
+
+
+def synthesize_class_unit(unit: int, classes: Sequence[int], models: Sequence[nn.Module],
+                          observers: Sequence[Observer], cands: Candidates, cfg: Config,
+                          mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu",
                           progress: Callable[[int, dict], None] | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """Initialise and optimise one unit; returns (uint8 images, labels, loss history)."""
+    """Initialise and optimise one unit; returns (uint8 images, labels, loss history).
+
+    `models` score mosaic crops; `observers` (unused when `synthesis.iterations` is 0) are optimised against.
+    """
     seed = unit_seed(cfg.seed, unit)
     generator = torch.Generator().manual_seed(seed)
-    models = [o.model for o in observers]
-    x0, labels = initial_images(pool, classes, cfg.synthesis.ipc, cfg, models, mean, std, generator,
-                                device)
+    x0, labels = initial_images(cands, classes, cfg.synthesis.ipc, cfg, models, mean, std, generator, device)
+    if cfg.synthesis.iterations == 0:
+        return denormalize_to_uint8(x0, mean, std).cpu(), labels, []
     result = synthesize_unit(x0, labels, observers, cfg.synthesis, clamp_bounds(mean, std, device),
                              seed, progress)
     return denormalize_to_uint8(result.images, mean, std).cpu(), labels, result.history
@@ -181,14 +222,15 @@ def condense(models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Te
              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The whole condensation in one process: statistics, candidates, every unit. uint8 out."""
     batch = cfg.statistics.batch_size
-    batches = [(images[s:s + batch], labels[s:s + batch]) for s in range(0, len(images), batch)]
-    sums = [accumulate_statistics(m, batches, num_classes, cfg.statistics, mean, std, device)
-            for m in models]
+    sums = [accumulate_statistics(m, ((images[s:s + batch], labels[s:s + batch])
+                                      for s in range(0, len(images), batch)),
+                                  num_classes, cfg.statistics, mean, std, device) for m in models]
     keys = [str(i) for i in range(len(images))]
-    pool = candidate_pool(models, images, labels, keys, cfg.init.candidates_per_class, cfg.seed,
-                          mean, std, device)
-    observers = build_observers(models, sums, cfg.statistics, device, cfg.synthesis.match,
-                                cfg.synthesis.observers)
-    outs = [synthesize_class_unit(u, classes, observers, pool, cfg, mean, std, device)
+    cands = candidates_in_memory(models, images, labels, keys, cfg.init.candidates_per_class, cfg.seed,
+                                 mean, std, device)
+    observers = build_observers(models, [s.totals() for s in sums], sums, range(num_classes), cfg.statistics,
+                                device, cfg.synthesis.match, cfg.synthesis.observers)
+    scorers = selected(models, cfg.synthesis.observers)
+    outs = [synthesize_class_unit(u, classes, scorers, observers, cands, cfg, mean, std, device)
             for u, classes in enumerate(make_units(num_classes, cfg.synthesis.classes_per_unit))]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

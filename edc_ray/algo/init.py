@@ -1,7 +1,6 @@
 """Candidate scoring and the initialisation of synthetic images (METHOD.md 1.3, from RDED)."""
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
 import torch
@@ -26,17 +25,6 @@ def candidate_losses(models: Sequence[nn.Module], x: torch.Tensor, labels: torch
                      batch_size: int = 256) -> torch.Tensor:
     """Per-image cross-entropy of the ensemble's mean logits against the true class."""
     return F.cross_entropy(ensemble_logits(models, x, batch_size), labels, reduction="none")
-
-
-def sample_priority(key: str, seed: int) -> float:
-    """A deterministic pseudo-random number in [0, 1) for a sample key.
-
-    Keeping, per class, the k samples of smallest priority is a uniform random sample without
-    replacement that merges across shards (bottom-k sampling), so the statistics pass can pick the
-    `candidates_per_class` sample shard by shard.
-    """
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64
 
 
 def lowest_per_class(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,22 +66,34 @@ def shuffle_patches(images: torch.Tensor, factor: int, generator: torch.Generato
 
 def mosaic_init(models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor, ipc: int,
                 factor: int = 2, crops_per_image: int = 4, scale: tuple[float, float] = (0.5, 1.0),
-                shuffle: bool = False, generator: torch.Generator | None = None
+                shuffle: bool = False, generator: torch.Generator | None = None, chunk: int = 64
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RDED-style init for large images: score RandomResizedCrops of the candidates, keep the
     ipc * f**2 lowest-loss crops per class, shrink each to res / f and stitch f x f mosaics.
+
+    Candidates are cropped and scored `chunk` images at a time, keeping only the running lowest-loss
+    tiles (already shrunk), so memory holds one chunk's crops, not crops_per_image x all candidates.
     """
-    crops = images.repeat_interleave(crops_per_image, 0)
-    crops = apply_crops(crops, random_crop_thetas(crops, scale, flip=False, generator=generator))
-    crop_labels = labels.repeat_interleave(crops_per_image)
-    keep = lowest_per_class(candidate_losses(models, crops, crop_labels), crop_labels, ipc * factor**2)
     height, width = images.shape[-2:]
-    tiles = F.interpolate(crops[keep], size=(height // factor, width // factor), mode="bilinear",
-                          antialias=True, align_corners=False)
+    keep_per_class = ipc * factor**2
+    tiles = images.new_zeros((0, images.shape[1], height // factor, width // factor))
+    tile_labels = labels.new_zeros(0)
+    tile_losses = images.new_zeros(0)
+    for start in range(0, len(images), chunk):
+        crop_labels = labels[start:start + chunk].repeat_interleave(crops_per_image)
+        crops = images[start:start + chunk].repeat_interleave(crops_per_image, 0)
+        crops = apply_crops(crops, random_crop_thetas(crops, scale, flip=False, generator=generator))
+        losses = candidate_losses(models, crops, crop_labels)
+        shrunk = F.interpolate(crops, size=(height // factor, width // factor), mode="bilinear",
+                               antialias=True, align_corners=False)
+        tiles, tile_labels, tile_losses = (torch.cat([tiles, shrunk]), torch.cat([tile_labels, crop_labels]),
+                                           torch.cat([tile_losses, losses]))
+        keep = lowest_per_class(tile_losses, tile_labels, keep_per_class)
+        tiles, tile_labels, tile_losses = tiles[keep], tile_labels[keep], tile_losses[keep]
     mosaics = stitch_mosaic(tiles, factor)
     if shuffle:
         mosaics = shuffle_patches(mosaics, factor, generator)
-    return mosaics, crop_labels[keep][:: factor * factor]
+    return mosaics, tile_labels[:: factor * factor]
 
 
 def noise_init(labels: torch.Tensor, shape: tuple[int, int, int],

@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from edc_ray.algo.stats import LayerTargets
-
 
 def smoothed_statistic(current: torch.Tensor, running: torch.Tensor | None, momentum: float
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,28 +16,6 @@ def smoothed_statistic(current: torch.Tensor, running: torch.Tensor | None, mome
     detached = current.detach()
     running = detached if running is None else momentum * running + (1 - momentum) * detached
     return running + current - detached, running
-
-
-def class_target_average(per_class: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Label-frequency average of per-class targets: (1/B) * sum_i S[y_i]."""
-    return per_class[labels].mean(0)
-
-
-def layer_matching_loss(stats: dict[str, torch.Tensor], targets: LayerTargets,
-                        labels: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Soft category-aware matching of one layer.
-
-    R = alpha * sum_s ||s_global - s|| + (1 - alpha) * sum_s ||s_class - s||, plain L2 norms, s over the
-    statistics present in `stats` (mean, var and, for conv inputs, patch mean/var).
-    """
-    loss = stats["mean"].new_zeros(())
-    for key, value in stats.items():
-        if alpha > 0:
-            loss = loss + alpha * torch.linalg.vector_norm(targets.global_[key] - value)
-        if alpha < 1:
-            s_class = class_target_average(targets.per_class[key], labels)
-            loss = loss + (1 - alpha) * torch.linalg.vector_norm(s_class - value)
-    return loss
 
 
 def softmax_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, tau: float) -> torch.Tensor:

@@ -13,6 +13,7 @@ H x W, so the mean of per-image means is the pixel mean).
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -22,9 +23,6 @@ from torch import nn
 
 FIXED_POINT_BITS = 24  # resolution 6e-8; int64 then holds sums up to ~5e11
 _MAX_ABS = 2.0**38  # per-image value bound: 2**24 images of it still fit in int64
-
-CHANNEL_STATS = ("mean", "var")
-PATCH_STATS = ("patch_mean", "patch_var")
 
 
 def patch_resize(h: torch.Tensor, patch: int) -> torch.Tensor:
@@ -36,38 +34,128 @@ def patch_resize(h: torch.Tensor, patch: int) -> torch.Tensor:
     return h
 
 
-def _moments(h: torch.Tensor, patch: int | None, keep_batch: bool) -> dict[str, torch.Tensor]:
-    """Means and mean squares of `h`: per channel over (H, W) and per patch over (C, P, P).
+def _image_moments(h: torch.Tensor, patch: int | None) -> dict[str, torch.Tensor]:
+    """Per-image means and mean squares of `h`: per channel over (H, W) and per patch over (C, P, P).
 
-    Computed as plain means of x and x^2 (the variance follows as E[x^2] - E[x]^2), averaged over the
-    batch too unless `keep_batch`. Patch means average over channels first and pool afterwards: both
-    are linear, so the result is the same at a fraction of the cost.
+    Plain means of x and x^2 (the variance follows as E[x^2] - E[x]^2). Patch means average over
+    channels first and pool afterwards: both are linear, so the result is the same at a fraction of the
+    cost.
     """
     square = h * h
-    dims = (2, 3) if keep_batch else (0, 2, 3)
-    out = {"mean": h.mean(dims), "sq": square.mean(dims)}
+    out = {"mean": h.mean((2, 3)), "sq": square.mean((2, 3))}
     if patch:
         resized = patch_resize(h, patch)
         squared = square if resized is h else resized * resized
-        pmean = F.avg_pool2d(resized.mean(1, keepdim=True), patch)[:, 0]  # (B, nH, nW)
-        psq = F.avg_pool2d(squared.mean(1, keepdim=True), patch)[:, 0]
-        out.update(patch_mean=pmean if keep_batch else pmean.mean(0),
-                   patch_sq=psq if keep_batch else psq.mean(0))
+        out["patch_mean"] = F.avg_pool2d(resized.mean(1, keepdim=True), patch)[:, 0]  # (B, nH, nW)
+        out["patch_sq"] = F.avg_pool2d(squared.mean(1, keepdim=True), patch)[:, 0]
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_matrix(size: int, target: int, device: str) -> torch.Tensor:
+    """M (size x target) with `v @ M` = bilinear (align_corners=False) resize of rows `v` to `target`."""
+    eye = torch.eye(size, device=device)[None]
+    return F.interpolate(eye, size=target, mode="linear", align_corners=False)[0]
+
+
+def _mean_var(total: torch.Tensor, squares: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (clamped) variance from sums of x and x^2 over `count` values."""
+    mean = total * (1.0 / count)
+    return mean, torch.addcmul(squares * (1.0 / count), mean, mean, value=-1.0).clamp_min(0.0)
+
+
+def _grad_coefficients(g_mean: torch.Tensor, g_var: torch.Tensor, mean: torch.Tensor, count: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with d(g_mean . mean + g_var . var)/dx = a + b * x, per group of `count` values."""
+    slope = g_var * (2.0 / count)
+    return torch.addcmul(g_mean * (1.0 / count), slope, mean, value=-1.0), slope
+
+
+class _LayerMoments(torch.autograd.Function):
+    """A layer input's channel and patch mean/variance as one flat block, with a hand-written backward.
+
+    Forward: per channel, the mean and E[h^2] over (B, H, W) by sums; per patch of the input resized
+    bilinearly to a multiple of P, the same over (B, C, P, P). Backward: d mean / dh = 1 / N and
+    d var / dh = 2 (h - mean) / N, so the whole gradient is a + b * h with per-channel and per-pixel
+    coefficients: one pass over h, plus, for a resized input, the resize's transpose as two matrix
+    products (much faster than autograd's interpolation backward on CPU). About a tenth of the kernels
+    autograd would run for the same statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, patch: int | None) -> torch.Tensor:
+        x = h.float()
+        b, c, height, width = x.shape
+        square = x * x
+        mean_c, var_c = _mean_var(x.sum((0, 2, 3)), square.sum((0, 2, 3)), b * height * width)
+        parts = [mean_c, var_c]
+        resized = mean_p = None
+        if patch:
+            th, tw = -(-height // patch) * patch, -(-width // patch) * patch
+            source, source_sq = x, square
+            if (th, tw) != (height, width):
+                resized = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False)
+                source, source_sq = resized, resized * resized
+            grid = (b, c, th // patch, patch, tw // patch, patch)
+            mean_p, var_p = _mean_var(source.view(grid).sum((0, 1, 3, 5)), source_sq.view(grid).sum((0, 1, 3, 5)),
+                                      b * c * patch * patch)
+            parts = [mean_c, mean_p.flatten(), var_c, var_p.flatten()]
+        ctx.patch, ctx.dtype = patch, h.dtype
+        ctx.save_for_backward(x, resized, mean_c, mean_p)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, resized, mean_c, mean_p = ctx.saved_tensors
+        b, c, height, width = x.shape
+        patch = ctx.patch
+        n_patch = 0 if mean_p is None else mean_p.numel()
+        g_mean_c, g_mean_p, g_var_c, g_var_p = grad.split([c, n_patch, c, n_patch])
+        a, slope = _grad_coefficients(g_mean_c, g_var_c, mean_c, b * height * width)
+        a, slope = a.view(c, 1, 1), slope.view(c, 1, 1)
+        if not patch:
+            return torch.addcmul(a, slope, x).to(ctx.dtype), None
+        nh, nw = mean_p.shape
+        a_p, slope_p = _grad_coefficients(g_mean_p.view(nh, nw), g_var_p.view(nh, nw), mean_p,
+                                          b * c * patch * patch)
+        # per patch -> per pixel: (nh, nw) -> (nh * P, nw * P), constant over each patch
+        pixels = torch.stack([a_p, slope_p]).view(2, nh, 1, nw, 1).expand(2, nh, patch, nw, patch)
+        a_p, slope_p = pixels.reshape(2, nh * patch, nw * patch).unbind(0)
+        if resized is None:
+            return torch.addcmul(a + a_p, slope + slope_p, x).to(ctx.dtype), None
+        # the resize's transpose takes a (th, tw) map back to (height, width)
+        rows = _resize_matrix(height, resized.shape[2], str(x.device))
+        cols = _resize_matrix(width, resized.shape[3], str(x.device))
+        back = rows @ torch.addcmul(a_p, slope_p, resized) @ cols.t()
+        return torch.addcmul(a + back, slope, x).to(ctx.dtype), None
+
+
+def layer_moments(h: torch.Tensor, patch: int | None) -> torch.Tensor:
+    """A batch's statistics of one layer input as one float32 vector: [mean (C), patch mean (nH*nW),
+    var (C), patch var (nH*nW)] (the patch parts only with `patch`); differentiable."""
+    return _LayerMoments.apply(h, patch)
+
+
+def split_moments(block: torch.Tensor, channels: int, patch: bool) -> dict[str, torch.Tensor]:
+    """The named statistics of a `layer_moments` block (patch parts flattened)."""
+    n = (len(block) - 2 * channels) // 2 if patch else 0
+    mean, pmean, var, pvar = block.split([channels, n, channels, n])
+    return {"mean": mean, "var": var, **({"patch_mean": pmean, "patch_var": pvar} if patch else {})}
 
 
 def batch_statistics(h: torch.Tensor, patch: int | None) -> dict[str, torch.Tensor]:
-    """Channel (and patch) mean/var of a batch: shapes (C,) and (nH, nW)."""
-    m = _moments(h, patch, keep_batch=False)
-    out = {"mean": m["mean"], "var": (m["sq"] - m["mean"] ** 2).clamp(min=0)}
+    """Channel (and patch) mean/var of a batch, in float32: shapes (C,) and (nH, nW)."""
+    stats = split_moments(layer_moments(h, patch), h.shape[1], bool(patch))
     if patch:
-        out.update(patch_mean=m["patch_mean"], patch_var=(m["patch_sq"] - m["patch_mean"] ** 2).clamp(min=0))
-    return out
+        grid = (-(-h.shape[2] // patch), -(-h.shape[3] // patch))
+        stats["patch_mean"] = stats["patch_mean"].view(grid)
+        stats["patch_var"] = stats["patch_var"].view(grid)
+    return stats
 
 
 def image_statistics(h: torch.Tensor, patch: int | None) -> dict[str, torch.Tensor]:
-    """Per-image spatial mean/var, mean of squares, and patch versions: shapes (B, C), (B, nH, nW)."""
-    out = _moments(h, patch, keep_batch=True)
+    """Per-image spatial mean/var, mean of squares, and patch versions (float32): shapes (B, C), (B, nH, nW)."""
+    out = _image_moments(h.float(), patch)
     out["var"] = (out["sq"] - out["mean"] ** 2).clamp(min=0)
     if patch:
         out["patch_var"] = (out["patch_sq"] - out["patch_mean"] ** 2).clamp(min=0)
@@ -99,8 +187,8 @@ def hooked_layers(model: nn.Module, bn: bool = True, conv: bool = True,
 class StatisticHooks:
     """Forward pre-hooks that record the statistics of each hooked layer's input.
 
-    `mode="batch"` records `batch_statistics` (with gradients, for synthesis); `mode="image"` records
-    `image_statistics` (for the statistics pass). Recording happens only inside `capture()`, so the
+    `mode="batch"` records `layer_moments` blocks (with gradients, for synthesis); `mode="image"` records
+    `image_statistics` dicts (for the statistics pass). Recording happens only inside `capture()`, so the
     same observer can run hook-free forwards (e.g. the flatness term's EMA images).
     """
 
@@ -109,13 +197,13 @@ class StatisticHooks:
             raise ValueError(f"mode {mode!r} is not allowed; choose 'batch' or 'image'")
         self.layers = layers
         self.mode = mode
-        self.records: list[dict[str, torch.Tensor] | None] = [None] * len(layers)
+        self.records: list = [None] * len(layers)
         self._active = False
         self._handles = [layer.module.register_forward_pre_hook(self._hook(i))
                          for i, layer in enumerate(layers)]
 
     def _hook(self, index: int):
-        stat_fn = batch_statistics if self.mode == "batch" else image_statistics
+        stat_fn = layer_moments if self.mode == "batch" else image_statistics
         patch = self.layers[index].patch
 
         def hook(module: nn.Module, inputs: tuple) -> None:
@@ -140,40 +228,92 @@ class StatisticHooks:
 
 
 def quantize(values: torch.Tensor) -> torch.Tensor:
-    """Per-image values to fixed-point int64 (exact, associative sums)."""
-    values = values.detach().double()
-    if not torch.isfinite(values).all() or values.abs().max() > _MAX_ABS:
-        raise OverflowError("activation statistics are not finite or exceed the fixed-point range; "
-                            "check the observer and the input normalisation")
-    return torch.round(values * 2.0**FIXED_POINT_BITS).long()
+    """Per-image values to fixed-point int64 (exact, associative sums); range checked by `check_range`."""
+    return torch.round(values.detach().double() * 2.0**FIXED_POINT_BITS).long()
+
+
+def out_of_range(values: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor: whether any value is not finite or exceeds the fixed-point range (no host sync)."""
+    values = values.detach()
+    if values.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=values.device)
+    return ~torch.isfinite(values).all() | (values.abs().amax() > _MAX_ABS)
+
+
+RANGE_ERROR = ("activation statistics are not finite or exceed the fixed-point range; check the observer and "
+               "the input normalisation")
+
+
+def _sum_rows(layer_sums: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.sum(0) for k, v in d.items()} for d in layer_sums]
+
+
+@dataclass
+class StatTotals:
+    """Per-image statistic sums over every class (the global targets' input) and the image count."""
+
+    count: int
+    sums: list[dict[str, torch.Tensor]]
+
+    def merge(self, other: "StatTotals") -> "StatTotals":
+        """Exact sum of two totals (either may be empty)."""
+        if not self.sums or not other.sums:
+            return StatTotals(self.count + other.count, self.sums or other.sums)
+        return StatTotals(self.count + other.count,
+                          [{k: a[k] + b[k] for k in a} for a, b in zip(self.sums, other.sums)])
+
+    def state_dict(self) -> dict:
+        """Plain tensors, for `torch.save`."""
+        return {"count": self.count, "sums": self.sums}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "StatTotals":
+        """Inverse of `state_dict`."""
+        return cls(int(state["count"]), list(state["sums"]))
 
 
 @dataclass
 class ClassStatSums:
     """Additive per-class sums of per-image statistics for every hooked layer of one observer.
 
-    `sums[layer][stat]` has shape (num_classes, ...) and `counts` (num_classes,), all int64.
-    `merge` is exact, so shards of the training set can be summed in any grouping.
+    `sums[layer][stat]` has shape (num_classes, ...) and `counts` (num_classes,), all int64, on the
+    device of the first batch added. `merge` is exact, so shards of the training set can be summed in
+    any grouping; `block` cuts out a range of classes (rows relabelled from 0).
     """
 
     num_classes: int
     counts: torch.Tensor = None
     sums: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    _bad: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.counts is None:
             self.counts = torch.zeros(self.num_classes, dtype=torch.long)
 
     def add(self, records: list[dict[str, torch.Tensor]], labels: torch.Tensor) -> None:
-        """Add one batch: `records` from `StatisticHooks(mode="image")`, `labels` (B,)."""
-        labels = labels.cpu().long()
-        self.counts += torch.bincount(labels, minlength=self.num_classes)
+        """Add one batch: `records` from `StatisticHooks(mode="image")`, `labels` (B,), on the records' device.
+
+        Nothing here waits for the device; `check_range` (called by `state_dict`) raises if any value was
+        out of the fixed-point range.
+        """
+        device = records[0]["mean"].device if records else labels.device
+        labels = labels.to(device).long()
         if not self.sums:
-            self.sums = [{k: torch.zeros((self.num_classes, *v.shape[1:]), dtype=torch.long)
+            self.counts = self.counts.to(device)
+            self.sums = [{k: torch.zeros((self.num_classes, *v.shape[1:]), dtype=torch.long, device=device)
                           for k, v in rec.items()} for rec in records]
+        self.counts += torch.bincount(labels, minlength=self.num_classes)
+        bad = torch.zeros((), dtype=torch.bool, device=device) if self._bad is None else self._bad
         for layer_sums, rec in zip(self.sums, records):
             for key, values in rec.items():
-                layer_sums[key].index_add_(0, labels, quantize(values.cpu()))
+                bad = bad | out_of_range(values)
+                layer_sums[key].index_add_(0, labels, quantize(values))
+        self._bad = bad
+
+    def check_range(self) -> None:
+        """Raise OverflowError if any added value was out of range (one device sync)."""
+        if self._bad is not None and bool(self._bad):
+            raise OverflowError(RANGE_ERROR)
 
     def merge(self, other: "ClassStatSums") -> "ClassStatSums":
         """Exact sum of two accumulators (either may be empty)."""
@@ -186,9 +326,28 @@ class ClassStatSums:
             out.sums = [{k: a[k] + b[k] for k in a} for a, b in zip(self.sums, other.sums)]
         return out
 
+    def block(self, first: int, stop: int) -> "ClassStatSums":
+        """The sums of classes `first` .. `stop - 1`, as an accumulator over `stop - first` classes (CPU)."""
+        self.check_range()
+        return ClassStatSums(stop - first, self.counts[first:stop].cpu().clone(),
+                             [{k: v[first:stop].cpu().clone() for k, v in d.items()} for d in self.sums])
+
+    @classmethod
+    def concat(cls, parts: list["ClassStatSums"]) -> "ClassStatSums":
+        """One accumulator whose rows are those of `parts`, in order (e.g. one-class sums of a unit)."""
+        return cls(sum(p.num_classes for p in parts), torch.cat([p.counts for p in parts]),
+                   [{k: torch.cat([p.sums[i][k] for p in parts]) for k in layer}
+                    for i, layer in enumerate(parts[0].sums)])
+
+    def totals(self) -> StatTotals:
+        """Sums over all classes."""
+        return StatTotals(int(self.counts.sum()), _sum_rows(self.sums))
+
     def state_dict(self) -> dict:
-        """Plain tensors, for `torch.save` / the object store."""
-        return {"num_classes": self.num_classes, "counts": self.counts, "sums": self.sums}
+        """Plain CPU tensors, for `torch.save` / the object store."""
+        self.check_range()
+        return {"num_classes": self.num_classes, "counts": self.counts.cpu(),
+                "sums": [{k: v.cpu() for k, v in d.items()} for d in self.sums]}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "ClassStatSums":
@@ -210,26 +369,27 @@ class LayerTargets:
                             {k: v.to(device) for k, v in self.per_class.items()})
 
 
-def compute_targets(sums: ClassStatSums, layers: list[HookedLayer]) -> list[LayerTargets]:
-    """Turn per-class sums into global and per-class targets (float32), one entry per hooked layer.
+def compute_targets(totals: StatTotals, class_sums: ClassStatSums, layers: list[HookedLayer]
+                    ) -> list[LayerTargets]:
+    """Global and per-class targets (float32), one entry per hooked layer.
 
-    Per-class targets: average over the class's images of each image's spatial mean / variance.
-    Global Conv targets: pixel mean and variance over the whole training set (from the sums of per-
-    image means and mean squares). Global BN targets: the layer's own running statistics.
-    A class without images falls back to the global target.
+    `totals` are the sums over the whole training set; `class_sums` those of the classes whose targets
+    are wanted (row i of every `per_class` tensor is row i of `class_sums`). Per-class targets: average
+    over the class's images of each image's spatial mean / variance. Global Conv targets: pixel mean and
+    variance over the whole training set (from the sums of per-image means and mean squares). Global BN
+    targets: the layer's own running statistics. A class without images falls back to the global target.
     """
     scale = 2.0**FIXED_POINT_BITS
-    counts = sums.counts.double()
-    total = counts.sum()
+    counts = class_sums.counts.double()
     targets = []
-    for layer, layer_sums in zip(layers, sums.sums):
+    for layer, layer_sums, layer_totals in zip(layers, class_sums.sums, totals.sums):
         def per_class(key: str) -> torch.Tensor:
             shape = (-1,) + (1,) * (layer_sums[key].dim() - 1)
             return layer_sums[key].double() / scale / counts.clamp(min=1).view(shape)
 
         def pixel_moments(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-            mean = layer_sums[f"{prefix}mean"].double().sum(0) / scale / total
-            sq = layer_sums[f"{prefix}sq"].double().sum(0) / scale / total
+            mean = layer_totals[f"{prefix}mean"].double() / scale / totals.count
+            sq = layer_totals[f"{prefix}sq"].double() / scale / totals.count
             return mean, (sq - mean**2).clamp(min=0)
 
         glob: dict[str, torch.Tensor] = {}

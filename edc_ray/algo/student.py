@@ -12,11 +12,11 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from torchvision.transforms import v2
-
 from edc_ray.algo.augment import cutmix, random_resized_crop_flip
 from edc_ray.algo.init import ensemble_logits
 from edc_ray.algo.losses import kl_distill_loss, mse_ce_loss
+from edc_ray.algo.randaugment import rand_augment
+from edc_ray.algo.precision import autocast, resolve_precision
 from edc_ray.config import EvaluationConfig
 
 
@@ -82,16 +82,17 @@ def denormalize_to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[f
 
 
 class StudentAugment:
-    """RandAugment (per image, uint8) + per-image RandomResizedCrop + flip, then normalisation."""
+    """RandAugment (per image, uint8) + per-image RandomResizedCrop + flip, then normalisation.
+
+    Batched on the images' device; every draw comes from the CPU `generator` (a few numbers per image).
+    """
 
     def __init__(self, cfg: EvaluationConfig, mean: Sequence[float], std: Sequence[float]):
         self.cfg, self.mean, self.std = cfg, mean, std
-        self.randaugment = v2.RandAugment() if cfg.randaugment else None
 
     def __call__(self, images_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.randaugment is not None:
-            # torchvision draws from the global RNG; the trainer seeds it (fork_rng) for determinism.
-            images_uint8 = torch.stack([self.randaugment(img) for img in images_uint8.cpu()])
+        if self.cfg.randaugment:
+            images_uint8 = rand_augment(images_uint8, generator)
         x = normalize(images_uint8, self.mean, self.std)
         return random_resized_crop_flip(x, (self.cfg.min_scale, 1.0), True, generator)
 
@@ -113,9 +114,12 @@ class StudentTrainer:
     device: torch.device | str = "cpu"
 
     def __post_init__(self):
-        self.model.to(self.device)
+        self.device = torch.device(self.device)
+        self.precision = resolve_precision(self.cfg.precision, self.device)
+        memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        self.model.to(self.device, memory_format=memory_format)
         for t in self.teachers:
-            t.to(self.device).eval().requires_grad_(False)
+            t.to(self.device, memory_format=memory_format).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
                                            weight_decay=self.cfg.weight_decay)
         total = self.cfg.epochs
@@ -125,16 +129,20 @@ class StudentTrainer:
         self.ema = ModelEMA(_unwrap(self.model), self.cfg.ema_decay)
         self.augment = StudentAugment(self.cfg, self.mean, self.std)
 
-    def step(self, images_uint8: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> float:
-        """One optimiser step on one batch; returns the loss."""
+    def step(self, images_uint8: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One optimiser step on one batch (uint8, moved to the device first and augmented there);
+        returns the loss as a device tensor (reading it waits for the device)."""
         self.model.train()
-        x = self.augment(images_uint8, generator).to(self.device)
-        labels = labels.to(self.device)
+        x = self.augment(images_uint8.to(self.device, non_blocking=True), generator)
+        labels = labels.to(self.device, non_blocking=True)
         perm, lam = None, 1.0
         if self.cfg.cutmix > 0 and float(torch.rand((), generator=generator)) < self.cfg.cutmix:
             x, perm, lam = cutmix(x, generator)
-        teacher = ensemble_logits(self.teachers, x)
-        student = self.model(x)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.precision, self.device):
+            teacher = ensemble_logits(self.teachers, x).float()
+            student = self.model(x).float()
         if self.cfg.loss == "mse_ce":
             loss = mse_ce_loss(student, teacher, labels, self.cfg.ce_weight, perm, lam)
         else:
@@ -144,12 +152,19 @@ class StudentTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(_unwrap(self.model))
-        return loss.item()
+        return loss.detach()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)
+
+
+def to_device(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A (small) distilled set moved to `device` once, through pinned memory when that is a GPU."""
+    if device.type == "cuda":
+        return images_uint8.pin_memory().to(device, non_blocking=True)
+    return images_uint8.to(device)
 
 
 def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -193,13 +208,14 @@ def train_student(model: nn.Module, teachers: Sequence[nn.Module], images_uint8:
     generator = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(images_uint8) / cfg.batch_size)
     trainer = StudentTrainer(model, teachers, cfg, mean, std, steps, device)
+    images_uint8 = to_device(images_uint8, trainer.device)
     history: list[dict] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for epoch in range(cfg.epochs):
             losses = [trainer.step(images_uint8[idx], labels[idx], generator)
                       for idx in epoch_batches(len(images_uint8), cfg.batch_size, generator)]
-            row = {"epoch": epoch + 1, "loss": sum(losses) / len(losses)}
+            row = {"epoch": epoch + 1, "loss": float(torch.stack(losses).mean())}
             last = epoch + 1 == cfg.epochs
             if val is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
                 correct, total = evaluate_counts(trainer.ema.module, *val, mean, std,

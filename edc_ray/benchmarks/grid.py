@@ -11,6 +11,7 @@ under the output folder, so parts merge by themselves.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import math
 import time
@@ -23,9 +24,11 @@ from edc_ray.storage import fsio
 from edc_ray.storage.run_folder import RunFolder
 
 # What is shared per kind: its folders, and the files that mark it complete (folder, pattern, count;
-# a count of None means one per observer).
+# a count of None means one per observer). Statistic sums and candidates are shared separately: a
+# method that matches no statistics leaves only candidates, which every later cell can still reuse.
 SHARED = {"observers": (("observers",), ("observers", "*.json", None)),
-          "statistics": (("stats", "candidates"), ("candidates", "pool.pt", 1))}
+          "statistics": (("stats", "stats/classes"), ("stats", "_complete.json", 1)),
+          "candidates": (("candidates",), ("candidates", "_complete.json", 1))}
 
 
 @dataclass
@@ -100,13 +103,16 @@ def shared_folders(grid: Grid, cfg: Config, dataset: str) -> dict[str, str]:
     observers = _digest(cfg.data, cfg.observers, cfg.seed)
     statistics = _digest(observers, cfg.statistics, cfg.init.candidates_per_class)
     root = fsio.join(grid.output, dataset, "shared")
-    return {"observers": fsio.join(root, f"observers-{observers}"),
-            "statistics": fsio.join(root, f"statistics-{statistics}")}
+    statistics_folder = fsio.join(root, f"statistics-{statistics}")
+    return {"observers": fsio.join(root, f"observers-{observers}"), "statistics": statistics_folder,
+            "candidates": statistics_folder}
 
 
-def _copy_tree(src: str, dst: str) -> None:
-    """Copy the files of `src`/<sub> into `dst`/<sub> that `dst` lacks (atomic per file)."""
-    for name in fsio.list_files(src):
+def _copy_files(src: str, dst: str, last: str) -> None:
+    """Copy the files directly in `src` into `dst` that `dst` lacks (atomic per file); the markers, the
+    files matching the glob `last`, last."""
+    names = sorted(fsio.list_files(src), key=lambda url: fnmatch.fnmatch(fsio.basename(url), last))
+    for name in names:
         target = fsio.join(dst, fsio.basename(name))
         if not fsio.exists(target):
             fsio.atomic_write_bytes(target, fsio.read_bytes(name))
@@ -116,15 +122,15 @@ def share(folders: dict[str, str], run_dir: str, observers: int, direction: str)
     """`direction` "in": seed the run folder from the shared `folders`; "out": the reverse.
 
     The pipeline skips stages whose outputs exist, so a seeded cell reuses observers and statistics.
-    Only complete stages are shared: observers when all `observers` json files exist, statistics
-    when the candidate pool (written last) exists.
+    Only complete stages are shared: observers when all `observers` json files exist, statistics and
+    candidates when their `_complete.json` markers exist (copied last, so a torn copy is not complete).
     """
     for kind, (subdirs, (sub, pattern, needed)) in SHARED.items():
         src_root, dst_root = (folders[kind], run_dir) if direction == "in" else (run_dir, folders[kind])
         if len(fsio.list_files(fsio.join(src_root, sub), pattern)) < (needed or observers):
             continue
-        for sub in subdirs:
-            _copy_tree(fsio.join(src_root, sub), fsio.join(dst_root, sub))
+        for folder in reversed(subdirs):  # the folder holding the marker last
+            _copy_files(fsio.join(src_root, folder), fsio.join(dst_root, folder), last=pattern)
 
 
 def check_not_stale(cfg: Config, cell: Cell) -> None:

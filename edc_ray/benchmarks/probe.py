@@ -18,14 +18,15 @@ import time
 
 import torch
 
-from edc_ray.algo.condense import bottom_k, build_observers, make_units, synthesize_class_unit
+from edc_ray.algo.condense import make_units, selected
 from edc_ray.algo.student import train_student
 from edc_ray.benchmarks.grid import Cell, cell_config, load_grid, shared_folders
 from edc_ray.config import ConfigError
 from edc_ray.pipeline.common import DatasetMeta, build_model
 from edc_ray.pipeline.evaluation import load_images
 from edc_ray.pipeline.observers import load_observers, observer_names
-from edc_ray.pipeline.statistics import stored_statistics
+from edc_ray.pipeline.statistics import needs_sums, stored_statistics
+from edc_ray.pipeline.synthesis import UnitWorker
 from edc_ray.storage import fsio
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import read_info, shard_urls
@@ -54,25 +55,21 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as err:  # a bad --method, --ipc or --set value, named by the config
         raise SystemExit(f"config error: {err}") from None
     folders = shared_folders(grid, cfg, args.dataset)
-    stored = stored_statistics(RunFolder(folders["statistics"]), observer_names(cfg))
-    if stored is None:
+    statistics = RunFolder(folders["statistics"])
+    if stored_statistics(statistics, needs_sums(cfg)) is None:
         raise SystemExit(f"no shared observers and statistics for {args.dataset} under {grid.output}: run a "
                          f"cell first, e.g. python jobs/benchmark.py --grid {args.grid} --datasets "
-                         f"{args.dataset} --methods random --ipc {args.ipc}")
-    sums, pool = stored
+                         f"{args.dataset} --methods edc --ipc {args.ipc}")
     info = read_info(cfg.data.root)
     meta = DatasetMeta.from_info(info)
     models = [model for _, model in load_observers(cfg, RunFolder(folders["observers"]), meta)]
     start = time.perf_counter()
-    if cfg.method == "random":
-        subset = bottom_k(pool, args.ipc)
-        images, labels = subset.images, subset.labels
-    else:
-        observers = build_observers(models, sums, cfg.statistics, "cpu", cfg.synthesis.match,
-                                    cfg.synthesis.observers)
-        units = [synthesize_class_unit(u, classes, observers, pool, cfg, meta.mean, meta.std)
-                 for u, classes in enumerate(make_units(meta.num_classes, cfg.synthesis.classes_per_unit))]
-        images, labels = torch.cat([u[0] for u in units]), torch.cat([u[1] for u in units])
+    chosen = selected(models, cfg.synthesis.observers)
+    names = selected(observer_names(cfg), cfg.synthesis.observers)
+    worker = UnitWorker("probe", cfg, meta, statistics, names, lambda: (chosen, 0), torch.device("cpu"))
+    units = [worker.synthesize(u, classes)
+             for u, classes in enumerate(make_units(meta.num_classes, cfg.synthesis.classes_per_unit))]
+    images, labels = torch.cat([u[0] for u in units]), torch.cat([u[1] for u in units])
     synthesis_s = time.perf_counter() - start
     val = load_images(shard_urls(cfg.data.root, info, cfg.data.val_split))
     teachers = models if cfg.evaluation.teachers is None else [models[i] for i in cfg.evaluation.teachers]

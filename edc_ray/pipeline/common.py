@@ -1,7 +1,10 @@
-"""Small pieces shared by the stages: dataset geometry, observer payloads, devices, threads."""
+"""Small pieces shared by the stages: dataset geometry, observer payloads, devices, threads, memory."""
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -43,6 +46,73 @@ def model_from_payload(payload: dict, meta: DatasetMeta, device: torch.device | 
     model = build_model(payload["arch"], meta)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in payload["state"].items()})
     return model.to(device).eval()
+
+
+@dataclass(frozen=True)
+class ObserverSet:
+    """The observers of a run as they travel between stages: names, architectures and object refs.
+
+    Each ref points at an `observer_payload` put into the object store once by the driver; workers
+    rebuild the models they need with `load_models`.
+    """
+
+    names: tuple[str, ...]
+    archs: tuple[str, ...]
+    refs: tuple
+
+    def subset(self, indices: Sequence[int] | None) -> "ObserverSet":
+        """The observers at `indices` (None: all)."""
+        if indices is None:
+            return self
+        return ObserverSet(tuple(self.names[i] for i in indices), tuple(self.archs[i] for i in indices),
+                           tuple(self.refs[i] for i in indices))
+
+
+def load_models(observers: ObserverSet, meta: DatasetMeta, device: torch.device | str = "cpu"
+                ) -> tuple[list[nn.Module], int]:
+    """The observers' models (eval mode, on `device`) and the bytes pulled from the object store."""
+    import ray
+
+    models, pulled = [], 0
+    for ref in observers.refs:
+        payload = ray.get(ref)
+        pulled += sum(np.asarray(v).nbytes for v in payload["state"].values())
+        models.append(model_from_payload(payload, meta, device))
+    return models, pulled
+
+
+class PeakMemory:
+    """Samples this process's resident memory in a background thread; `peak_mib` is the highest seen.
+
+    Used as a context manager around a task's work, so that tasks report what they really needed
+    (a Ray worker process outlives its tasks, so its lifetime maximum would not say).
+    """
+
+    def __init__(self, interval_s: float = 0.05):
+        import psutil
+
+        self._process = psutil.Process(os.getpid())
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.peak_mib = 0.0
+
+    def _sample(self) -> None:
+        self.peak_mib = max(self.peak_mib, self._process.memory_info().rss / 2**20)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._sample()
+
+    def __enter__(self) -> "PeakMemory":
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
 
 
 def resolve_device(preference: str, gpu_ids: list | None = None) -> torch.device:

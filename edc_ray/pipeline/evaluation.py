@@ -1,27 +1,28 @@
 """Stage "evaluation": Ray Train trains students on a distilled (or baseline) set and validates them.
 
-The per-worker function is the core's `StudentTrainer` on this rank's share of every global batch
-(DDP), with the observer ensemble as online soft-label teacher (read from the object store), a report
-every epoch, a checkpoint at every validation, and validation on this rank's share of the real test
-split, summed across ranks.
+One Ray Train run per (set, student, seed), as many at once as the cluster has room for. The
+per-worker function is the core's `StudentTrainer` on this rank's share of every global batch (DDP),
+with the observer ensemble as online soft-label teacher (read from the object store), the distilled set
+on the device from the start, a report every ~50 steps, a checkpoint at every validation, and
+validation on this rank's share of the real test split, summed across ranks.
 """
 from __future__ import annotations
 
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 
 import torch
 
-from edc_ray.algo.condense import CandidatePool, bottom_k
-from edc_ray.algo.student import StudentTrainer, epoch_batches
+from edc_ray.algo.student import StudentTrainer, epoch_batches, to_device
 from edc_ray.config import Config, EvaluationConfig, from_dict, to_dict
 from edc_ray.pipeline import metrics
-from edc_ray.pipeline.common import DatasetMeta, build_model, model_from_payload, set_threads
+from edc_ray.pipeline.common import DatasetMeta, ObserverSet, build_model, model_from_payload, set_threads
 from edc_ray.pipeline.distributed import fit_torch_trainer, rank_and_world, rank_share
 from edc_ray.pipeline.observers import validation_accuracy
 from edc_ray.storage.run_folder import RunFolder, load_torch_bytes
-from edc_ray.storage.shards import encode_png, iter_samples, write_shard
+from edc_ray.storage.shards import iter_samples
 
 
 def load_images(urls: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,11 +31,9 @@ def load_images(urls: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([s[1] for s in samples]), torch.tensor([s[2] for s in samples])
 
 
-def _checkpoint_state(trainer: StudentTrainer, seed_index: int, epoch: int, best: float,
-                      generators: list, finished: list[dict]) -> dict:
+def _checkpoint_state(trainer: StudentTrainer, epoch: int, best: float, generators: list) -> dict:
     model = getattr(trainer.model, "module", trainer.model)
-    return {"seed_index": seed_index, "epoch": epoch, "best": best, "finished": finished,
-            "model": model.state_dict(), "ema": trainer.ema.module.state_dict(),
+    return {"epoch": epoch, "best": best, "model": model.state_dict(), "ema": trainer.ema.module.state_dict(),
             "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
             "ema_updates": trainer.ema.updates, "generators": [g.get_state() for g in generators],
             "rng": torch.get_rng_state()}
@@ -75,11 +74,10 @@ def report_interval(steps_per_epoch: int) -> int:
 
 
 def train_student_loop(config: dict) -> None:
-    """Ray Train worker function: post-train one student per seed on a distilled set (METHOD.md 1.6).
+    """Ray Train worker function: post-train one student for one seed on a distilled set (METHOD.md 1.6).
 
-    Seeds run one after another in the same worker group; metrics are reported every `report_interval`
-    epochs, and every validation carries a checkpoint (all seeds finished so far + the current one's
-    full state), so a restarted run resumes at the last validated epoch of the seed it was in.
+    Metrics are reported every `report_interval` epochs, and every validation carries a checkpoint (the
+    full training state), so a restarted run resumes at its last validated epoch.
     """
     import ray
     import ray.train
@@ -90,83 +88,117 @@ def train_student_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     ecfg = from_dict(EvaluationConfig, config["evaluation"])
     meta = DatasetMeta(**config["meta"])
+    seed = config["seed"]
     images, labels = load_images(config["train_urls"])
+    images = to_device(images, device)  # once: every batch is then cut and augmented on the device
     teachers = [model_from_payload(ray.get(ref), meta, device) for ref in config["teacher_refs"]]
     steps = math.ceil(len(images) / ecfg.batch_size)
     report_every = report_interval(steps)
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    model = ray.train.torch.prepare_model(build_model(config["student"], meta))
+    trainer = StudentTrainer(model, teachers, ecfg, meta.mean, meta.std, steps, device)
+    order = torch.Generator().manual_seed(seed)  # the global batch order, shared by all ranks
+    augment = torch.Generator().manual_seed(seed * 1000 + 1 + rank)
+    torch.manual_seed(seed * 1000 + 1 + rank)
+    start, best = 0, float("-inf")
     state = _latest_state(rank)
-    finished: list[dict] = state["finished"] if state else []
-    for seed_index, seed in enumerate(ecfg.seeds):
-        if seed_index < len(finished):
+    if state:
+        _restore(trainer, state, [order, augment])
+        start, best = state["epoch"], state["best"]
+    for epoch in range(start, ecfg.epochs):
+        losses = [trainer.step(images[rank_share(idx, rank, world)], labels[rank_share(idx, rank, world)], augment)
+                  for idx in epoch_batches(len(images), ecfg.batch_size, order)
+                  if len(idx) >= world]  # a last batch smaller than the world would leave a rank empty
+        scores = {"seed": seed, "epoch": epoch + 1, "loss": float(torch.stack(losses).mean())}
+        last = epoch + 1 == ecfg.epochs
+        if not (last or (ecfg.eval_every and (epoch + 1) % ecfg.eval_every == 0)):
+            if (epoch + 1) % report_every == 0:
+                ray.train.report(scores)
             continue
-        torch.manual_seed(seed)  # identical initial weights on every rank
-        model = ray.train.torch.prepare_model(build_model(config["student"], meta))
-        trainer = StudentTrainer(model, teachers, ecfg, meta.mean, meta.std, steps, device)
-        order = torch.Generator().manual_seed(seed)  # the global batch order, shared by all ranks
-        augment = torch.Generator().manual_seed(seed * 1000 + 1 + rank)
-        torch.manual_seed(seed * 1000 + 1 + rank)  # RandAugment draws from the global RNG
-        start, best = 0, float("-inf")
-        if state and state["seed_index"] == seed_index:
-            _restore(trainer, state, [order, augment])
-            start, best = state["epoch"], state["best"]
-        for epoch in range(start, ecfg.epochs):
-            losses = [trainer.step(images[rank_share(idx, rank, world)],
-                                   labels[rank_share(idx, rank, world)], augment)
-                      for idx in epoch_batches(len(images), ecfg.batch_size, order)
-                      if len(idx) >= world]  # a last batch smaller than the world would leave a rank empty
-            scores = {"seed": seed, "epoch": epoch + 1, "loss": sum(losses) / len(losses)}
-            last = epoch + 1 == ecfg.epochs
-            if not (last or (ecfg.eval_every and (epoch + 1) % ecfg.eval_every == 0)):
-                if (epoch + 1) % report_every == 0:
-                    ray.train.report(scores)
-                continue
-            top1 = validation_accuracy(trainer.ema.module, config["data_root"], config["val_split"], meta,
-                                       ecfg.val_batch_size, device)
-            best = max(best, top1)
-            scores.update(top1=top1, best_top1=best)
-            if last:
-                finished = finished + [{"seed": seed, "final_top1": top1, "best_top1": best}]
-            scores["finished"] = finished
-            if rank == 0:
-                metrics.evaluation_accuracy(config["label"], seed, top1)
-                print(f"[eval {config['label']}] seed {seed} epoch {epoch + 1}/{ecfg.epochs} "
-                      f"loss {scores['loss']:.4f} top-1 {top1:.2f}% (best {best:.2f}%)", flush=True)
-            with tempfile.TemporaryDirectory() as folder:
-                torch.save(_checkpoint_state(trainer, seed_index, epoch + 1, best, [order, augment], finished),
-                           os.path.join(folder, f"rank{rank}.pt"))
-                ray.train.report(scores, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        state = None
+        top1 = validation_accuracy(trainer.ema.module, config["data_root"], config["val_split"], meta,
+                                   ecfg.val_batch_size, device)
+        best = max(best, top1)
+        scores.update(top1=top1, best_top1=best)
+        if rank == 0:
+            metrics.evaluation_accuracy(config["label"], seed, top1)
+            print(f"[eval {config['label']}] seed {seed} epoch {epoch + 1}/{ecfg.epochs} "
+                  f"loss {scores['loss']:.4f} top-1 {top1:.2f}% (best {best:.2f}%)", flush=True)
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(_checkpoint_state(trainer, epoch + 1, best, [order, augment]),
+                       os.path.join(folder, f"rank{rank}.pt"))
+            ray.train.report(scores, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def random_subset_shard(run: RunFolder, pool: CandidatePool, ipc: int) -> str:
-    """Write IPC random real images per class (the lowest sampling priorities: a uniform sample)."""
-    subset = bottom_k(pool, ipc)
-    samples = [{"__key__": f"random-{i:05d}", "png": encode_png(image.permute(1, 2, 0).numpy()),
-                "cls": int(label)} for i, (image, label) in enumerate(zip(subset.images, subset.labels))]
-    url = run.path("baseline", f"random-ipc{ipc}.tar")
-    write_shard(url, samples)
-    return url
+@dataclass(frozen=True)
+class EvalSet:
+    """A set to evaluate: its label (distilled, random, ...), its shards and its image count."""
+
+    label: str
+    urls: tuple[str, ...]
+    images: int
 
 
-def evaluate_set(cfg: Config, run: RunFolder, meta: DatasetMeta, observer_refs: list, label: str,
-                 urls: list[str], student: str) -> dict:
-    """Train and validate `student` on the shards at `urls` with Ray Train; cached in the run folder."""
-    name = f"{label}-{student.replace(':', '_')}"
+def run_name(label: str, student: str) -> str:
+    """The name of a (set, student) evaluation in the run folder."""
+    return f"{label}-{student.replace(':', '_')}"
+
+
+def fit_seed(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: ObserverSet, target: EvalSet,
+             student: str, seed: int) -> dict:
+    """One Ray Train run: `student` trained with `seed` on `target`; cached as eval/<name>-seed<k>.json."""
+    name = f"{run_name(target.label, student)}-seed{seed}"
     if run.exists("eval", f"{name}.json"):
         return run.read_json("eval", f"{name}.json")
-    teachers = cfg.evaluation.teachers
-    teacher_refs = observer_refs if teachers is None else [observer_refs[i] for i in teachers]
-    config = {"evaluation": to_dict(cfg.evaluation), "meta": meta.__dict__, "train_urls": urls,
-              "data_root": cfg.data.root, "val_split": cfg.data.val_split, "teacher_refs": teacher_refs,
-              "student": student, "cpus": cfg.ray.train_worker_cpus,
-              "label": name}
+    config = {"evaluation": to_dict(cfg.evaluation), "meta": meta.__dict__, "train_urls": list(target.urls),
+              "data_root": cfg.data.root, "val_split": cfg.data.val_split, "seed": seed,
+              "teacher_refs": list(observers.subset(cfg.evaluation.teachers).refs), "student": student,
+              "cpus": cfg.ray.train_worker_cpus, "label": run_name(target.label, student)}
     result = fit_torch_trainer(train_student_loop, config, name, run.path("eval"), cfg.ray.train_workers,
                                cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus, max_failures=2)
-    per_seed = result.metrics["finished"]
-    finals = torch.tensor([r["final_top1"] for r in per_seed], dtype=torch.float64)
-    bests = torch.tensor([r["best_top1"] for r in per_seed], dtype=torch.float64)
-    summary = {"set": label, "student": student, "final_top1": float(finals.mean()),
-               "final_top1_std": float(finals.std(correction=0)), "best_top1": float(bests.mean()),
-               "per_seed": per_seed, "epochs": cfg.evaluation.epochs, "images": len(list(iter_samples(urls)))}
+    summary = {"seed": seed, "final_top1": result.metrics["top1"], "best_top1": result.metrics["best_top1"]}
     run.write_json(summary, "eval", f"{name}.json")
     return summary
+
+
+def concurrent_runs(cfg: Config) -> int:
+    """How many evaluation runs the cluster has room for at once (at least one)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    per_run_cpus = cfg.ray.train_workers * cfg.ray.train_worker_cpus
+    room = [resources.get("CPU", 0.0) // per_run_cpus if per_run_cpus else math.inf]
+    if cfg.ray.train_use_gpu:
+        room.append(resources.get("GPU", 0.0) // cfg.ray.train_workers)
+    return max(1, int(min(room)))
+
+
+def evaluate_sets(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: ObserverSet,
+                  targets: list[EvalSet]) -> list[dict]:
+    """Train and validate every student of `cfg` on every set, one Ray Train run per seed, as many runs at
+    once as the cluster has room for; one summary per (student, set), cached in the run folder."""
+    import ray
+
+    fit = ray.remote(num_cpus=0)(fit_seed)
+    jobs = [(target, student, seed) for student in cfg.evaluation.students for target in targets
+            for seed in cfg.evaluation.seeds if not run.exists("eval", f"{run_name(target.label, student)}.json")]
+    pending, limit = list(jobs), concurrent_runs(cfg)
+    in_flight: list = []
+    while pending or in_flight:
+        while pending and len(in_flight) < limit:
+            in_flight.append(fit.remote(cfg, run, meta, observers, *pending.pop(0)))
+        done, in_flight = ray.wait(in_flight, num_returns=1)
+        ray.get(done)  # raises a run's error here
+    summaries = []
+    for student in cfg.evaluation.students:
+        for target in targets:
+            name = run_name(target.label, student)
+            if not run.exists("eval", f"{name}.json"):
+                per_seed = [run.read_json("eval", f"{name}-seed{seed}.json") for seed in cfg.evaluation.seeds]
+                finals = torch.tensor([r["final_top1"] for r in per_seed], dtype=torch.float64)
+                bests = torch.tensor([r["best_top1"] for r in per_seed], dtype=torch.float64)
+                run.write_json({"set": target.label, "student": student, "final_top1": float(finals.mean()),
+                                "final_top1_std": float(finals.std(correction=0)), "best_top1": float(bests.mean()),
+                                "per_seed": per_seed, "epochs": cfg.evaluation.epochs, "images": target.images},
+                               "eval", f"{name}.json")
+            summaries.append(run.read_json("eval", f"{name}.json"))
+    return summaries

@@ -13,8 +13,11 @@ from edc_ray.storage import fsio
 from edc_ray.storage.run_folder import RunFolder
 
 
+PREVIEW_CLASSES = 20  # rows of preview.png
+
+
 def preview_grid(images: torch.Tensor, labels: torch.Tensor, max_per_class: int = 10,
-                 max_classes: int = 20, pad: int = 1) -> np.ndarray:
+                 max_classes: int = PREVIEW_CLASSES, pad: int = 1) -> np.ndarray:
     """One row per class (up to `max_classes`), its first `max_per_class` images: uint8 HxWx3."""
     classes = torch.unique(labels).tolist()[:max_classes]
     max_per_class = min(max_per_class, int(torch.bincount(labels).max()))

@@ -15,12 +15,13 @@ import ray
 import yaml
 
 from edc_ray.config import Config, ConfigError, changed_keys, dump_config, from_dict, to_dict
-from edc_ray.pipeline.common import DatasetMeta, observer_payload
-from edc_ray.pipeline.evaluation import evaluate_set, load_images, random_subset_shard
+from edc_ray.pipeline.common import DatasetMeta, ObserverSet, observer_payload
+from edc_ray.pipeline.evaluation import EvalSet, evaluate_sets, load_images
 from edc_ray.pipeline.observers import observer_names, observers_stage
-from edc_ray.pipeline.report import config_hash, write_report
-from edc_ray.pipeline.statistics import pool_to_dict, statistics_stage
-from edc_ray.pipeline.synthesis import synthesis_stage
+from edc_ray.pipeline.report import PREVIEW_CLASSES, config_hash, write_report
+from edc_ray.pipeline.statistics import statistics_stage
+from edc_ray.pipeline.synthesis import (SynthesisResult, baseline_folder, random_baseline_config,
+                                        synthesis_stage)
 from edc_ray.storage import fsio
 from edc_ray.storage.export import export_imagefolder, imagefolder_shard
 from edc_ray.storage.prepare import ensure_prepared
@@ -89,15 +90,14 @@ class Session:
     meta: DatasetMeta
     run: RunFolder
     stage: StageTimer
-    names: list[str]
-    observer_refs: list
+    observers: ObserverSet
 
 
 # Each stage's marker files in the run folder and the keys its outputs depend on (besides those of the
 # stages before it). `evaluation.students` and `random_baseline` only pick which sets and students are
 # evaluated, each cached under its own name, so they may change between runs.
 STAGE_INPUTS = (("observers", ("observers", "*.json"), ("seed", "data.", "observers.")),
-                ("statistics", ("candidates", "pool.pt"), ("statistics.", "init.candidates_per_class")),
+                ("statistics", ("candidates", "_complete.json"), ("statistics.", "init.candidates_per_class")),
                 ("synthesis", ("distilled", "*.tar"), ("method", "init.", "synthesis.")),
                 ("evaluation", ("eval", "*.json"), ("evaluation.",)))
 FREE_KEYS = ("evaluation.students", "evaluation.random_baseline")
@@ -147,8 +147,9 @@ def session(cfg: Config) -> Iterator[Session]:
     try:
         with stage("observers"):
             observers = observers_stage(cfg, run, meta)
-        refs = [ray.put(observer_payload(arch, model)) for arch, model in observers]  # once
-        yield Session(cfg, info, meta, run, stage, observer_names(cfg), refs)
+        refs = tuple(ray.put(observer_payload(arch, model)) for arch, model in observers)  # once
+        archs = tuple(arch for arch, _ in observers)
+        yield Session(cfg, info, meta, run, stage, ObserverSet(tuple(observer_names(cfg)), archs, refs))
     finally:
         if started:
             ray.shutdown()
@@ -156,20 +157,31 @@ def session(cfg: Config) -> Iterator[Session]:
 
 def teacher_spec(s: Session) -> dict:
     """How to reproduce our soft labels elsewhere: the teachers, the normalisation and the protocol."""
-    teachers = s.cfg.evaluation.teachers
-    indices = range(len(s.names)) if teachers is None else teachers
+    teachers = s.observers.subset(s.cfg.evaluation.teachers)
     return {"soft_labels": "online: mean of the teachers' logits on every augmented batch (METHOD.md 1.5)",
-            "teachers": [{"name": s.names[i], "arch": s.cfg.observers.models[i].arch,
-                          "weights": s.run.path("observers", f"{s.names[i]}.pt")} for i in indices],
+            "teachers": [{"name": name, "arch": arch, "weights": s.run.path("observers", f"{name}.pt")}
+                         for name, arch in zip(teachers.names, teachers.archs)],
             "classes": s.info.classes, "mean": list(s.meta.mean), "std": list(s.meta.std),
             "image_size": s.meta.image_size, "channels": s.meta.channels,
             "evaluation": to_dict(s.cfg.evaluation)}
 
 
-def export_stage(s: Session, urls: list[str]) -> str:
-    """The distilled set as an ImageFolder of PNGs plus `teachers.json` (written last: the marker)."""
+@ray.remote
+def _export_task(urls: list[str], classes: list[str], dest: str) -> int:
+    return export_imagefolder(urls, classes, dest)
+
+
+EXPORT_UNITS_PER_TASK = 10
+
+
+def export_stage(s: Session, distilled: SynthesisResult) -> str:
+    """The distilled set as an ImageFolder of PNGs (written by parallel tasks, a few units each) plus
+    `teachers.json` (written last: the marker)."""
     if not s.run.exists("export", "teachers.json"):
-        export_imagefolder(urls, s.info.classes, s.run.path("export", "images"))
+        urls = list(distilled.urls)
+        chunks = [urls[i:i + EXPORT_UNITS_PER_TASK] for i in range(0, len(urls), EXPORT_UNITS_PER_TASK)]
+        task = _export_task.options(num_cpus=min(1.0, s.cfg.ray.actor_cpus or 1.0))
+        ray.get([task.remote(chunk, s.info.classes, s.run.path("export", "images")) for chunk in chunks])
         s.run.write_json(teacher_spec(s), "export", "teachers.json")
     return s.run.path("export")
 
@@ -179,45 +191,36 @@ def run_pipeline(cfg: Config) -> dict:
     with session(cfg) as s:
         run, meta, stage = s.run, s.meta, s.stage
         with stage("statistics"):
-            sums, pool = statistics_stage(cfg, run, meta, s.observer_refs, s.names)
+            statistics_stage(cfg, run, s.info, meta, s.observers)
         with stage("synthesis"):
             start = time.perf_counter()
-            if cfg.method == "random":  # the method is the baseline: nothing to synthesise
-                distilled_urls = [random_subset_shard(run, pool, cfg.synthesis.ipc)]
-                synthesis = {"units_total": 1, "units_run": [], "workers": []}
-            else:
-                shared = s.observer_refs + [ray.put([x.state_dict() for x in sums]), ray.put(pool_to_dict(pool))]
-                synthesis = synthesis_stage(cfg, run, meta, shared)
-                distilled_urls = [run.unit_shard(u) for u in range(synthesis["units_total"])]
+            distilled = synthesis_stage(cfg, run, meta, s.observers)
             synthesis_seconds = time.perf_counter() - start
-        with stage("export"):
-            export_stage(s, distilled_urls)
-        with stage("evaluation"):
-            evaluation = []
-            baseline = None
+            sets = [("distilled", distilled)]
             if cfg.evaluation.random_baseline and cfg.method != "random":
-                baseline = random_subset_shard(run, pool, cfg.synthesis.ipc)
-            for student in cfg.evaluation.students:
-                evaluation.append(evaluate_set(cfg, run, meta, s.observer_refs, "distilled", distilled_urls,
-                                               student))
-                if baseline is not None:
-                    evaluation.append(evaluate_set(cfg, run, meta, s.observer_refs, "random", [baseline],
-                                                   student))
+                baseline = random_baseline_config(cfg)
+                sets.append(("random", synthesis_stage(baseline, run, meta, s.observers, baseline_folder(cfg))))
+        with stage("export"):
+            export_stage(s, distilled)
+        with stage("evaluation"):
+            evaluation = evaluate_sets(cfg, run, meta, s.observers,
+                                       [EvalSet(label, result.urls, result.images) for label, result in sets])
         with stage("report"):
-            images, labels = load_images(distilled_urls)
+            shown = -(-PREVIEW_CLASSES // cfg.synthesis.classes_per_unit)  # the units of the classes shown
+            images, labels = load_images(list(distilled.urls[:shown]))
             report = {
                 "dataset": s.info.name, "method": cfg.method, "protocol": cfg.evaluation.protocol,
                 "ipc": cfg.synthesis.ipc, "run_dir": run.root,
                 "config_hash": config_hash(cfg), "num_classes": meta.num_classes,
-                "observers": [{"name": n, **run.read_json("observers", f"{n}.json")} for n in s.names],
+                "observers": [{"name": n, **run.read_json("observers", f"{n}.json")} for n in s.observers.names],
                 "evaluation": evaluation,
                 "export": run.path("export"),
-                "synthesis": {"images": len(images), "seconds": synthesis_seconds,
-                              "images_per_s": len(images) / max(synthesis_seconds, 1e-9),
-                              "units_total": synthesis["units_total"],
-                              "units_run": [{k: r[k] for k in ("unit", "worker", "seconds", "images")}
-                                            for r in synthesis["units_run"]],
-                              "workers": synthesis["workers"]},
+                "synthesis": {"images": distilled.images, "seconds": synthesis_seconds,
+                              "images_per_s": distilled.images / max(synthesis_seconds, 1e-9),
+                              "units_total": distilled.units_total,
+                              "units_run": [{k: r[k] for k in ("unit", "worker", "seconds", "images", "peak_mib")}
+                                            for r in distilled.units_run],
+                              "workers": list(distilled.workers)},
             }
             report["stage_seconds"] = dict(stage.seconds)  # the report stage itself is not in it
             write_report(run, report, images, labels)
@@ -232,7 +235,6 @@ def evaluate_imagefolder(cfg: Config, src: str, label: str = "imported") -> list
             count = imagefolder_shard(src, url, s.meta.channels, s.meta.image_size, s.meta.num_classes)
             print(f"[edc-ray] {count} images from {src}", flush=True)
         with s.stage("evaluation"):
-            results = [evaluate_set(cfg, s.run, s.meta, s.observer_refs, label, [url], student)
-                       for student in cfg.evaluation.students]
+            results = evaluate_sets(cfg, s.run, s.meta, s.observers, [EvalSet(label, (url,), count)])
         s.run.write_json({"source": src, "images": count, "evaluation": results}, "imported", f"{label}.json")
         return results

@@ -14,7 +14,7 @@ import re
 import numpy as np
 
 from edc_ray.storage import fsio
-from edc_ray.storage.shards import encode_png, iter_samples, write_shard
+from edc_ray.storage.shards import encode_png, iter_raw_samples, write_shard
 from edc_ray.storage.sources import CHANNEL_MODES, class_files, read_image
 
 
@@ -24,16 +24,17 @@ def safe_name(name: str) -> str:
 
 
 def export_imagefolder(urls: list[str], classes: list[str], dest: str) -> int:
-    """Write every image of the shards at `urls` as `<dest>/<class>/<key>.png`; returns the count.
+    """Write every image of the shards at `urls` as `<dest>/<class>/<key>.<ext>`; returns the count.
 
-    Folders are named `<label index>-<class name>` so that their sorted order is the label order.
+    The shards' encoded bytes are copied as they are (distilled sets are lossless PNG). Folders are
+    named `<label index>-<class name>` so that their sorted order is the label order.
     """
     width = len(str(len(classes) - 1))
     count = 0
-    for key, image, label in iter_samples(urls):
-        folder = f"{label:0{width}d}-{safe_name(classes[label])}"
-        fsio.atomic_write_bytes(fsio.join(dest, folder, f"{key}.png"),
-                                encode_png(image.permute(1, 2, 0).numpy()))
+    for sample in iter_raw_samples(urls):
+        folder = f"{sample.label:0{width}d}-{safe_name(classes[sample.label])}"
+        field = sample.image_field
+        fsio.atomic_write_bytes(fsio.join(dest, folder, f"{sample.key}.{field}"), sample.fields[field])
         count += 1
     return count
 

@@ -6,7 +6,6 @@ object-store semantics (no real directories, atomic single PUTs) are handled in 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
@@ -92,6 +91,12 @@ def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
 
 
+def read_range(url: str, start: int, end: int) -> bytes:
+    """Bytes ``start`` up to ``end`` (exclusive) of the file at ``url`` (one ranged GET on an object store)."""
+    fs, path = _fs(url)
+    return fs.cat_file(path, start=start, end=end)
+
+
 def list_files(url_dir: str, pattern: str = "*") -> list[str]:
     """URLs of the files directly inside ``url_dir`` whose names match the glob ``pattern``, sorted by name."""
     fs, path = _fs(url_dir)
@@ -124,6 +129,13 @@ def remove(url: str) -> None:
     fs, path = _fs(url)
     if fs.exists(path):
         fs.rm_file(path)
+
+
+def remove_tree(url: str) -> None:
+    """Delete the folder at ``url`` and everything below it, if it exists."""
+    fs, path = _fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 PUT_ATTEMPTS = 5
@@ -182,23 +194,3 @@ def atomic_write_json(url: str, obj: Any) -> None:
     """Write ``obj`` as JSON (sorted keys, indent 2, trailing newline) atomically to ``url``."""
     text = json.dumps(obj, sort_keys=True, indent=2) + "\n"
     atomic_write_bytes(url, text.encode("utf-8"))
-
-
-def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
-    """A webdataset ``gopen`` handler that reads any fsspec URL (``bufsize`` and ``kw`` are webdataset's, unused)."""
-    if mode != "rb":
-        raise ValueError(f"cannot open {url} with mode {mode!r} through webdataset: write shards with write_shard")
-    return open_file(url)
-
-
-def register_wds_fsspec_opener() -> None:
-    """Let webdataset read shards from ``s3://`` and the other fsspec schemes it has no opener for.
-
-    webdataset 1.0.2 opens local paths itself and looks other schemes up in ``webdataset.gopen.gopen_schemes``
-    (which knows http/pipe/gs/hf/ais but not s3). Schemes it already handles are kept; calling this again is a
-    no-op. Call it in every process that reads shards (Ray workers included).
-    """
-    # the package re-exports a *function* named gopen, which shadows the module of the same name
-    schemes = importlib.import_module("webdataset.gopen").gopen_schemes
-    for scheme in fsspec.available_protocols():
-        schemes.setdefault(scheme, _fsspec_gopen)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import tarfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,11 +52,11 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_png(data: bytes) -> torch.Tensor:
-    """A uint8 ``CxHxW`` tensor from PNG bytes (C=1 for grayscale, 3 for RGB)."""
+def decode_image(data: bytes) -> torch.Tensor:
+    """A uint8 ``CxHxW`` tensor from encoded image bytes (PNG, JPEG or WebP; C=1 for grayscale, 3 for RGB)."""
     with Image.open(io.BytesIO(data)) as image:
         if image.mode not in ("L", "RGB"):
-            raise ValueError(f"PNG mode {image.mode!r} is not supported: expected 'L' (grayscale) or 'RGB'")
+            raise ValueError(f"image mode {image.mode!r} is not supported: expected 'L' (grayscale) or 'RGB'")
         array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
@@ -150,31 +151,80 @@ def shard_urls(root: str, info: DatasetInfo, split: str) -> list[str]:
 
 
 def keep_all_shards(shards: Iterable[dict]) -> Iterable[dict]:
-    """A webdataset node/worker splitter for a single-process reader: every shard goes to this reader."""
+    """A node/worker splitter for a single-process reader: every shard goes to this reader."""
     return shards
 
 
-class _ShardTracker:
-    """The last splitter stage of the pipeline: remembers which shard is being read, so errors can name it.
+IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")  # the sample fields that may hold the encoded image
 
-    webdataset pulls the next URL only once the previous shard has been read to its end, so the URL seen
-    last is the one in use. A class rather than a closure, so that the pipeline stays picklable.
+
+@dataclass
+class RawSample:
+    """One undecoded sample of a shard: its fields' bytes and where each lies inside the tar.
+
+    ``spans[field]`` is ``(offset, size)`` of that member's data, so one field can be read again later
+    with a ranged read (:func:`read_span`) instead of re-reading the whole shard.
     """
 
-    def __init__(self, splitter: Splitter) -> None:
-        self.splitter = splitter
-        self.url: str | None = None
+    key: str
+    url: str
+    fields: dict[str, bytes]
+    spans: dict[str, tuple[int, int]]
 
-    def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
-        for shard in self.splitter(shards):
-            self.url = shard["url"]
-            yield shard
+    @property
+    def label(self) -> int:
+        """The ``cls`` field as an int."""
+        return int(self.fields["cls"])
 
-    def raise_naming_shard(self, exn: Exception) -> NoReturn:
-        """webdataset ``handler=``: never skip; re-raise with the shard's URL."""
-        if isinstance(exn, ShardReadError):
-            raise exn
-        raise ShardReadError(self.url, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}") from exn
+    @property
+    def image_field(self) -> str:
+        """The name of the field holding the encoded image (png, jpg, jpeg or webp)."""
+        for name in IMAGE_FIELDS:
+            if name in self.fields:
+                return name
+        raise KeyError(f"no image field ({', '.join(IMAGE_FIELDS)}); fields: {sorted(self.fields)}")
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    """``dir/key.ext`` -> ``(dir/key, ext)``: the key ends at the first dot of the file name (WebDataset's rule)."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def _shard_samples(url: str) -> Iterator[RawSample]:
+    """The raw samples of one shard, read as a stream (consecutive members with one key form a sample)."""
+    current: RawSample | None = None
+    try:
+        with fsio.open_file(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_member_name(member.name)
+                data = tar.extractfile(member).read()
+                if current is not None and current.key != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = RawSample(key, url, {}, {})
+                current.fields[ext] = data
+                current.spans[ext] = (member.offset_data, member.size)
+    except (OSError, tarfile.TarError, EOFError) as exn:
+        raise ShardReadError(url, f"{type(exn).__name__}: {exn}") from exn
+    if current is not None:
+        yield current
+
+
+def read_span(url: str, span: tuple[int, int]) -> bytes:
+    """The bytes of one member of the shard at ``url``, by its ``(offset, size)`` from :class:`RawSample`."""
+    start, size = span
+    try:
+        data = fsio.read_range(url, start, start + size)
+    except OSError as exn:
+        raise ShardReadError(url, f"{type(exn).__name__}: {exn}") from exn
+    if len(data) != size:
+        raise ShardReadError(url, f"member at offset {start} holds {len(data)} of {size} bytes: truncated?")
+    return data
 
 
 def _check_shard_count(url: str | None, seen: int, expected_counts: Mapping[str, int] | None) -> None:
@@ -183,6 +233,44 @@ def _check_shard_count(url: str | None, seen: int, expected_counts: Mapping[str,
     expected = None if url is None or expected_counts is None else expected_counts.get(url)
     if expected is not None and seen != expected:
         raise ShardReadError(url, f"holds {seen} samples but {expected} were written: truncated?")
+
+
+def iter_raw_samples(
+    urls: list[str],
+    *,
+    expected_counts: Mapping[str, int] | None = None,
+    nodesplitter: Splitter | None = None,
+    workersplitter: Splitter | None = None,
+) -> Iterator[RawSample]:
+    """Yield the undecoded samples of the shards at ``urls``, in shard order.
+
+    ``expected_counts`` (URL -> sample count, as :func:`iter_split` passes) turns a silently truncated shard
+    into an error. Ray Train workers pass ``webdataset.split_by_node`` / ``split_by_worker`` (any callable
+    from an iterable of ``{"url": ...}`` dicts to the ones this reader takes); the default reads every
+    shard. Any unreadable or corrupt shard raises :class:`ShardReadError` naming it.
+    """
+    shards: Iterable[dict] = [{"url": url} for url in urls]
+    for splitter in (nodesplitter or keep_all_shards, workersplitter or keep_all_shards):
+        shards = splitter(shards)
+    for shard in shards:
+        url, seen = shard["url"], 0
+        for sample in _shard_samples(url):
+            seen += 1
+            yield sample
+        _check_shard_count(url, seen, expected_counts)
+
+
+def count_samples(url: str) -> int:
+    """The number of samples in one shard, without decoding any image."""
+    return sum(1 for _ in _shard_samples(url))
+
+
+def decode_sample(sample: RawSample) -> tuple[str, torch.Tensor, int]:
+    """``(key, uint8 CxHxW image, label)`` of a raw sample; a bad sample raises :class:`ShardReadError` naming it."""
+    try:
+        return sample.key, decode_image(sample.fields[sample.image_field]), sample.label
+    except (KeyError, ValueError, OSError) as exn:
+        raise ShardReadError(sample.url, f"sample {sample.key!r}: {exn!r}") from exn
 
 
 def iter_samples(
@@ -195,45 +283,19 @@ def iter_samples(
 ) -> Iterator[tuple[str, torch.Tensor, int]]:
     """Yield ``(key, uint8 CxHxW image, label)`` from the shards at ``urls``, in shard order.
 
-    ``classes`` keeps only those labels (skipped samples are not decoded). ``expected_counts`` (URL -> sample
-    count, as :func:`iter_split` passes) turns a silently truncated shard into an error. Ray Train workers
-    pass ``webdataset.split_by_node`` / ``split_by_worker``; the default reads every shard. Any unreadable
-    or corrupt shard raises :class:`ShardReadError` naming it.
+    :func:`iter_raw_samples` with the images decoded; ``classes`` keeps only those labels (skipped samples
+    are not decoded).
     """
-    if not urls:
-        return  # webdataset's shard list cannot be empty
-    fsio.register_wds_fsspec_opener()
-    tracker = _ShardTracker(workersplitter or keep_all_shards)
-    dataset = wds.WebDataset(
-        urls,
-        shardshuffle=False,
-        nodesplitter=nodesplitter or keep_all_shards,
-        workersplitter=tracker,
-        handler=tracker.raise_naming_shard,
-        empty_check=False,  # a node or worker may get no shards; counts are checked against _info.json instead
-    )
     wanted = None if classes is None else {int(c) for c in classes}
-    current, seen = None, 0
-    for sample in dataset:
-        if sample["__url__"] != current:
-            _check_shard_count(current, seen, expected_counts)
-            current, seen = sample["__url__"], 0
-        seen += 1
-        decoded = _decode_sample(sample, wanted)
-        if decoded is not None:
-            yield decoded
-    _check_shard_count(current, seen, expected_counts)
-
-
-def _decode_sample(sample: dict[str, Any], wanted: set[int] | None) -> tuple[str, torch.Tensor, int] | None:
-    """The decoded ``(key, image, label)`` of one raw webdataset sample, or None when its label is not wanted."""
-    try:
-        label = int(sample["cls"])
-        if wanted is not None and label not in wanted:
-            return None
-        return sample["__key__"], decode_png(sample["png"]), label
-    except (KeyError, ValueError, OSError) as exn:
-        raise ShardReadError(sample["__url__"], f"sample {sample['__key__']!r}: {exn!r}") from exn
+    for sample in iter_raw_samples(urls, expected_counts=expected_counts, nodesplitter=nodesplitter,
+                                   workersplitter=workersplitter):
+        if wanted is not None:
+            try:
+                if sample.label not in wanted:
+                    continue
+            except (KeyError, ValueError) as exn:
+                raise ShardReadError(sample.url, f"sample {sample.key!r}: {exn!r}") from exn
+        yield decode_sample(sample)
 
 
 def iter_split(
