@@ -21,14 +21,13 @@ import yaml
 
 from edc_ray.config import Config, ConfigError, changed_keys, from_dict, load_config, to_dict
 from edc_ray.storage import fsio
-from edc_ray.storage.run_folder import RunFolder
+from edc_ray.storage.run_folder import STAGE_MARKERS, RunFolder
 
-# What is shared per kind: its folders, and the files that mark it complete (folder, pattern, count;
-# a count of None means one per observer). Statistic sums and candidates are shared separately: a
-# method that matches no statistics leaves only candidates, which every later cell can still reuse.
-SHARED = {"observers": (("observers",), ("observers", "*.json", None)),
-          "statistics": (("stats", "stats/classes"), ("stats", "_complete.json", 1)),
-          "candidates": (("candidates",), ("candidates", "_complete.json", 1))}
+# What is shared per kind (a run-folder stage, whose markers say it is complete): its folders, and how
+# many markers make it complete (None: one per observer). Statistic sums and candidates are shared
+# separately: a method that matches no statistics leaves only candidates, which later cells reuse.
+SHARED = {"observers": (("observers",), None), "statistics": (("stats", "stats/classes"), 1),
+          "candidates": (("candidates",), 1)}
 
 
 @dataclass
@@ -125,10 +124,11 @@ def share(folders: dict[str, str], run_dir: str, observers: int, direction: str)
     Only complete stages are shared: observers when all `observers` json files exist, statistics and
     candidates when their `_complete.json` markers exist (copied last, so a torn copy is not complete).
     """
-    for kind, (subdirs, (sub, pattern, needed)) in SHARED.items():
+    for kind, (subdirs, needed) in SHARED.items():
         src_root, dst_root = (folders[kind], run_dir) if direction == "in" else (run_dir, folders[kind])
-        if len(fsio.list_files(fsio.join(src_root, sub), pattern)) < (needed or observers):
+        if len(RunFolder(src_root).markers(kind)) < (needed or observers):
             continue
+        pattern = STAGE_MARKERS[kind][1]
         for folder in reversed(subdirs):  # the folder holding the marker last
             _copy_files(fsio.join(src_root, folder), fsio.join(dst_root, folder), last=pattern)
 

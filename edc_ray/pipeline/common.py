@@ -82,7 +82,8 @@ def load_models(observers: ObserverSet, meta: DatasetMeta, device: torch.device 
 
 
 class PeakMemory:
-    """Samples this process's resident memory in a background thread; `peak_mib` is the highest seen.
+    """Samples this process's resident memory in a background thread; `peak_mib` is the highest seen
+    (`start_mib` the resident memory when it started).
 
     Used as a context manager around a task's work, so that tasks report what they really needed
     (a Ray worker process outlives its tasks, so its lifetime maximum would not say).
@@ -94,7 +95,8 @@ class PeakMemory:
         self._process = psutil.Process(os.getpid())
         self._interval = interval_s
         self._stop = threading.Event()
-        self.peak_mib = 0.0
+        self.start_mib = self._process.memory_info().rss / 2**20
+        self.peak_mib = self.start_mib
 
     def _sample(self) -> None:
         self.peak_mib = max(self.peak_mib, self._process.memory_info().rss / 2**20)

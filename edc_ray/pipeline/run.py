@@ -93,13 +93,13 @@ class Session:
     observers: ObserverSet
 
 
-# Each stage's marker files in the run folder and the keys its outputs depend on (besides those of the
-# stages before it). `evaluation.students` and `random_baseline` only pick which sets and students are
+# Each stage, the run-folder stages whose markers show its outputs, and the keys those depend on
+# (besides those of the stages before it). `evaluation.students` and `random_baseline` only pick which sets and students are
 # evaluated, each cached under its own name, so they may change between runs.
-STAGE_INPUTS = (("observers", ("observers", "*.json"), ("seed", "data.", "observers.")),
-                ("statistics", ("candidates", "_complete.json"), ("statistics.", "init.candidates_per_class")),
-                ("synthesis", ("distilled", "*.tar"), ("method", "init.", "synthesis.")),
-                ("evaluation", ("eval", "*.json"), ("evaluation.",)))
+STAGE_INPUTS = (("observers", ("observers",), ("seed", "data.", "observers.")),
+                ("statistics", ("candidates", "statistics"), ("statistics.", "init.candidates_per_class")),
+                ("synthesis", ("synthesis",), ("method", "init.", "synthesis.")),
+                ("evaluation", ("evaluation",), ("evaluation.",)))
 FREE_KEYS = ("evaluation.students", "evaluation.random_baseline")
 
 
@@ -121,9 +121,9 @@ def check_run_folder(run: RunFolder, cfg: Config) -> None:
         return
     changed = [k for k in changed_keys(previous, cfg) if k not in FREE_KEYS]
     inputs: tuple[str, ...] = ()
-    for name, (folder, pattern), keys in STAGE_INPUTS:
+    for name, marked_by, keys in STAGE_INPUTS:
         inputs += keys
-        if not fsio.list_files(run.path(folder), pattern):
+        if not any(run.markers(stage) for stage in marked_by):
             continue
         stale = [k for k in changed if k.startswith(inputs)]
         if stale:

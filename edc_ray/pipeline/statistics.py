@@ -68,7 +68,7 @@ class StatisticsResult:
     blocks_run: tuple[int, ...] = ()
     task_peak_mib: tuple[float, ...] = ()  # of the tasks and merges this run ran
     task_held_mib: tuple[float, ...] = ()  # candidate bytes each task held at its end
-    merge_peak_mib: tuple[float, ...] = ()
+    merge_growth_mib: tuple[float, ...] = ()  # how much each merge's process grew
 
 
 # ---------------------------------------------------------------- one task: a group of shards
@@ -198,7 +198,7 @@ def run_merge_block(run: RunFolder, block: int, tasks: int, observers: ObserverS
     set_threads(cfg.ray.stats_cpus)
     with PeakMemory() as memory:
         fetched = _merge(run, block, tasks, observers, cfg, meta, products, device)
-    return {"block": block, "fetched": fetched, "peak_mib": memory.peak_mib}
+    return {"block": block, "fetched": fetched, "growth_mib": memory.peak_mib - memory.start_mib}
 
 
 def _merge(run: RunFolder, block: int, tasks: int, observers: ObserverSet, cfg: Config, meta: DatasetMeta,
@@ -234,7 +234,10 @@ def _merge(run: RunFolder, block: int, tasks: int, observers: ObserverSet, cfg: 
 # ---------------------------------------------------------------- the driver
 
 
-statistics_task = ray.remote(run_statistics_task)
+# A worker process per statistics task: the memory a task held goes back to the system when it ends,
+# and the peak it reports is its own. Merges are many and small: they reuse processes (and report how
+# much their process grew).
+statistics_task = ray.remote(max_calls=1)(run_statistics_task)
 merge_task = ray.remote(run_merge_block)
 
 
@@ -343,4 +346,4 @@ def statistics_stage(cfg: Config, run: RunFolder, info: DatasetInfo, meta: Datas
     counts_done = run.candidates_marker()["counts"]
     return StatisticsResult(with_sums, meta.num_classes, images, tuple(counts_done), tuple(todo), tuple(blocks),
                             tuple(s["peak_mib"] for s in summaries), tuple(s["held_mib"] for s in summaries),
-                            tuple(m["peak_mib"] for m in merges))
+                            tuple(m["growth_mib"] for m in merges))

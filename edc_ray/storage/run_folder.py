@@ -32,6 +32,17 @@ from edc_ray.storage.candidates import read_candidates, write_candidates
 
 CLASSES_PER_BLOCK = 20  # classes per merge task of the statistics pass (bounds a merge's memory)
 
+# The files that mark a stage's outputs in a run folder: (folder, glob). Written last by each stage,
+# so their presence means "this stage produced outputs"; the run-folder guard and the benchmark grid's
+# sharing both read this one table.
+STAGE_MARKERS = {
+    "observers": ("observers", "*.json"),  # one per observer, beside its weights
+    "statistics": ("stats", "_complete.json"),
+    "candidates": ("candidates", "_complete.json"),
+    "synthesis": ("distilled", "*.tar"),  # one per unit
+    "evaluation": ("eval", "*.json"),  # one per evaluated (set, student[, seed])
+}
+
 
 def torch_bytes(obj: Any) -> bytes:
     """`torch.save` into bytes."""
@@ -88,6 +99,11 @@ class RunFolder:
     def read_json(self, *parts: str) -> Any:
         """Read a JSON file of the run."""
         return fsio.read_json(self.path(*parts))
+
+    def markers(self, stage: str) -> list[str]:
+        """The marker files of `stage` present in the run folder (see `STAGE_MARKERS`)."""
+        folder, pattern = STAGE_MARKERS[stage]
+        return fsio.list_files(self.path(folder), pattern)
 
     def unit_shard(self, unit: int, folder: str = "distilled") -> str:
         """The shard of one work unit of a synthesised set (`distilled`, or a baseline's folder)."""
