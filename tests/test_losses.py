@@ -40,10 +40,10 @@ def test_soft_category_aware_matching_hand_computed(alpha):
     rows = torch.tensor([1, 1, 0, 0])  # label-frequency class average of means: (3, 4)
     # global: ||(3,4)|| + ||(0,-2)|| = 5 + 2; class: ||(3,4)|| + ||(0,-2)|| = 7
     plan = MatchingPlan.build([_targets()], rows, alpha, first_layer_weight=1.0)
-    assert plan.loss([block], None, 0.0)[0].item() == pytest.approx(alpha * 7 + (1 - alpha) * 7)
+    assert plan.loss(block, None, 0.0)[0].item() == pytest.approx(alpha * 7 + (1 - alpha) * 7)
     plan = MatchingPlan.build([_targets()], torch.tensor([0, 0]), alpha, first_layer_weight=1.0)
     # class average (0, 0): the class mean term vanishes -> 0 + 2
-    assert plan.loss([block], None, 0.0)[0].item() == pytest.approx(alpha * 7 + (1 - alpha) * 2)
+    assert plan.loss(block, None, 0.0)[0].item() == pytest.approx(alpha * 7 + (1 - alpha) * 2)
 
 
 def test_flatness_kl_hand_computed_and_zero_when_equal():

@@ -126,10 +126,10 @@ def test_plan_equals_the_per_layer_loss(alpha):
     for obs in observers:
         plan = obs.plan(labels, cfg, "cpu")
         hooks = StatisticHooks(obs.layers)
-        with hooks.capture() as blocks:
+        with hooks.capture():
             obs.model(x)
         hooks.remove()
-        fused, _ = plan.loss(blocks, None, 0.0)
+        fused, _ = plan.loss(hooks.batch_moments(), None, 0.0)
         records = [None] * len(obs.layers)
         handles = [layer.module.register_forward_pre_hook(
             lambda m, inp, i=i, p=layer.patch: records.__setitem__(i, reference_batch_statistics(inp[0], p)))
@@ -147,7 +147,7 @@ def test_plan_hand_computed_with_plain_norms():
                             {"mean": torch.zeros(1, 2), "var": torch.ones(1, 2)})]
     plan = MatchingPlan.build(targets, torch.tensor([0, 0]), alpha=1.0, first_layer_weight=10.0)
     block = torch.tensor([0.0, 0.0, 1.0, 4.0], requires_grad=True)  # mean (0, 0), var (1, 4)
-    loss, _ = plan.loss([block], None, 0.0)
+    loss, _ = plan.loss(block, None, 0.0)
     assert loss.item() == pytest.approx(10 * (50.0 + 3.0))  # first-layer weight x (||(30, 40)|| + ||(0, -3)||)
     loss.backward()
     assert torch.allclose(block.grad, torch.tensor([-6.0, -8.0, 0.0, 10.0]))  # unit vectors, times 10

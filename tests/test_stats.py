@@ -56,8 +56,10 @@ def test_hooks_record_only_inside_capture():
     assert hooks.records == [None]
     with hooks.capture() as records:
         model(torch.randn(2, 1, 8, 8))
-    assert records[0].shape == (2 * (1 + 4),)  # the 1-channel image: mean, 2x2 patch means, var, patch vars
-    assert set(split_moments(records[0], 1, patch=True)) == {"mean", "var", "patch_mean", "patch_var"}
+    assert records[0].shape == (2 * (1 + 4),)  # the 1-channel image: sums over the image, 2x2 patches; squares
+    moments = hooks.batch_moments()
+    assert moments.shape == (2 * (1 + 4),)
+    assert set(split_moments(moments, 1, patch=True)) == {"mean", "var", "patch_mean", "patch_var"}
     hooks.remove()
 
 

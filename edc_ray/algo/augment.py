@@ -6,6 +6,7 @@ same crop can be replayed on another tensor (the flatness term needs it for the 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -67,9 +68,22 @@ def random_crop_thetas(x: torch.Tensor, scale: tuple[float, float], flip: bool,
     return crop_thetas(boxes, height, width, flips).to(x.device, x.dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def _base_grid(height: int, width: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """(H*W, 3) rows (x, y, 1) of the output pixel centres in [-1, 1], as `F.affine_grid` lays them."""
+    theta = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=dtype, device=device)
+    xy = F.affine_grid(theta, [1, 1, height, width], align_corners=False).view(-1, 2)
+    return torch.cat([xy, torch.ones_like(xy[:, :1])], 1)
+
+
 def apply_crops(x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
-    """Resample every image of `x` through its affine crop (bilinear, output size = input size)."""
-    grid = F.affine_grid(thetas, list(x.shape), align_corners=False)
+    """Resample every image of `x` through its affine crop (bilinear, output size = input size).
+
+    The sampling grid is `F.affine_grid`'s, as one batched product with a cached grid of pixel centres.
+    """
+    n, _, height, width = x.shape
+    base = _base_grid(height, width, thetas.dtype, str(thetas.device))
+    grid = torch.bmm(base.expand(n, *base.shape), thetas.transpose(1, 2)).view(n, height, width, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 

@@ -3,9 +3,10 @@
     R = sum_l w_l [ alpha * sum_s ||s_global - s_hat|| + (1 - alpha) * sum_s ||s_class - s_hat|| ]
 
 Every statistic of every hooked layer is one segment of a flat vector (layer by layer, each layer's
-`layer_moments` block: mean, patch mean, variance, patch variance), so the momentum smoothing, the distances to both targets, the per-segment L2 norms and the
-weighted sum are a handful of kernels per observer whatever its depth, instead of a Python loop per
-layer and statistic. The class target of a unit is fixed for the whole unit (its labels do not change),
+block: mean, patch mean, variance, patch variance; `StatisticHooks.batch_moments`), so the moments,
+the momentum smoothing, the distances to both targets, the per-segment L2 norms and the weighted sum
+are a handful of kernels per observer whatever its depth, instead of a Python loop per layer and
+statistic. The class target of a unit is fixed for the whole unit (its labels do not change),
 so it is averaged once, when the plan is built.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from edc_ray.algo.losses import smoothed_statistic
 from edc_ray.algo.stats import LayerTargets
 
-BLOCK_KEYS = ("mean", "patch_mean", "var", "patch_var")  # a layer's block, as `layer_moments` lays it out
+BLOCK_KEYS = ("mean", "patch_mean", "var", "patch_var")  # a layer's block, as `block_moments` lays it out
 _TINY = 1e-30  # below this a squared distance counts as zero: the norm's gradient there is 0, not NaN
 
 
@@ -70,14 +71,14 @@ class MatchingPlan:
         per_segment = squared.new_zeros((len(self.targets), self.num_segments)).index_add_(1, self.segments, squared)
         return (per_segment.clamp_min(_TINY).sqrt() * self.weights).sum()
 
-    def loss(self, records: Sequence[torch.Tensor], running: torch.Tensor | None,
+    def loss(self, moments: torch.Tensor, running: torch.Tensor | None,
              momentum: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The regulariser of one forward's hook records (`layer_moments` blocks), momentum-smoothed
-        when `momentum` > 0. Returns (loss, new running statistics); `running` None starts the EMA.
+        """The regulariser of one forward's flat moments (`StatisticHooks.batch_moments`),
+        momentum-smoothed when `momentum` > 0. Returns (loss, new running statistics); `running` None
+        starts the EMA.
         """
-        if not records:
+        if moments.numel() == 0:
             return self.targets.new_zeros(()), running
-        flat = torch.cat(list(records))
         if momentum > 0:
-            flat, running = smoothed_statistic(flat, running, momentum)
-        return self.regulariser(flat), running
+            moments, running = smoothed_statistic(moments, running, momentum)
+        return self.regulariser(moments), running

@@ -52,90 +52,133 @@ def _image_moments(h: torch.Tensor, patch: int | None) -> dict[str, torch.Tensor
 
 
 @functools.lru_cache(maxsize=64)
-def _resize_matrix(size: int, target: int, device: str) -> torch.Tensor:
-    """M (size x target) with `v @ M` = bilinear (align_corners=False) resize of rows `v` to `target`."""
+def _resize_matrix(size: int, target: int, device: str, transposed: bool = False) -> torch.Tensor:
+    """M (size x target) with `v @ M` = bilinear (align_corners=False) resize of rows `v` to `target`
+    (M^T, contiguous, with `transposed`)."""
     eye = torch.eye(size, device=device)[None]
-    return F.interpolate(eye, size=target, mode="linear", align_corners=False)[0]
+    matrix = F.interpolate(eye, size=target, mode="linear", align_corners=False)[0]
+    return matrix.t().contiguous() if transposed else matrix
 
 
-def _mean_var(total: torch.Tensor, squares: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (clamped) variance from sums of x and x^2 over `count` values."""
-    mean = total * (1.0 / count)
-    return mean, torch.addcmul(squares * (1.0 / count), mean, mean, value=-1.0).clamp_min(0.0)
+def _patch_grid(b: int, c: int, height: int, width: int, patch: int) -> tuple[int, ...]:
+    """The (B, C, nH, P, nW, P) view of a layer input resized to a multiple of `patch`."""
+    th, tw = -(-height // patch) * patch, -(-width // patch) * patch
+    return (b, c, th // patch, patch, tw // patch, patch)
 
 
-def _grad_coefficients(g_mean: torch.Tensor, g_var: torch.Tensor, mean: torch.Tensor, count: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b) with d(g_mean . mean + g_var . var)/dx = a + b * x, per group of `count` values."""
-    slope = g_var * (2.0 / count)
-    return torch.addcmul(g_mean * (1.0 / count), slope, mean, value=-1.0), slope
+def _resize_rows_cols(x: torch.Tensor, rows_t: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """`rows_t @ x @ cols` for every (B, C) plane of `x`: a bilinear resize (or its transpose) as one
+    matrix product over all rows and one batched product over the planes."""
+    b, c, height, width = x.shape
+    planes = torch.mm(x.view(-1, width), cols).view(b * c, height, cols.shape[1])
+    return torch.bmm(rows_t.expand(b * c, *rows_t.shape), planes).view(b, c, rows_t.shape[0], cols.shape[1])
 
 
-class _LayerMoments(torch.autograd.Function):
-    """A layer input's channel and patch mean/variance as one flat block, with a hand-written backward.
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
-    Forward: per channel, the mean and E[h^2] over (B, H, W) by sums; per patch of the input resized
-    bilinearly to a multiple of P (as two matrix products with the interpolation weights, which equal
-    `F.interpolate` and run faster on CPU), the same over (B, C, P, P). Backward: d mean / dh = 1 / N and
-    d var / dh = 2 (h - mean) / N, so the whole gradient is a + b * h with per-channel and per-pixel
-    coefficients: one pass over h, plus, for a resized input, the resize's transpose (two more matrix
-    products) instead of autograd's graph of reductions and interpolation backward.
+
+class _LayerSums(torch.autograd.Function):
+    """A layer input's sums of h and h^2 as one flat block, with a hand-written backward.
+
+    Block: [sum h per channel over (B, H, W) (C), sum h per patch over (B, C, P, P) (nH*nW),
+    sum h^2 per channel (C), sum h^2 per patch (nH*nW)] (patch parts only with `patch`), the input
+    resized bilinearly to a multiple of P first (as matrix products with the interpolation weights,
+    which equal `F.interpolate` and run faster on CPU). Sums rather than moments keep the backward to one
+    pass: d sum h / dh = 1 and d sum h^2 / dh = 2h, so the gradient is g_sum + 2 g_sq h with per-channel
+    and per-patch coefficients (plus, for a resized input, the resize's transpose), instead of autograd's
+    graph of reductions and interpolation backward. Means and variances follow for all layers at once
+    (`block_moments`).
     """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, patch: int | None) -> torch.Tensor:
-        x = h.float()
+        x = _as_dtype(h, torch.float32)
         b, c, height, width = x.shape
         square = x * x
-        mean_c, var_c = _mean_var(x.sum((0, 2, 3)), square.sum((0, 2, 3)), b * height * width)
-        parts = [mean_c, var_c]
-        resized = mean_p = None
-        if patch:
-            th, tw = -(-height // patch) * patch, -(-width // patch) * patch
+        sum_c, sq_c = x.sum((0, 2, 3)), square.sum((0, 2, 3))
+        resized = None
+        if not patch:
+            out = torch.cat([sum_c, sq_c])
+        else:
+            grid = _patch_grid(b, c, height, width, patch)
             source, source_sq = x, square
-            if (th, tw) != (height, width):
-                rows = _resize_matrix(height, th, str(x.device))
-                cols = _resize_matrix(width, tw, str(x.device))
-                resized = rows.t() @ (x.reshape(-1, width) @ cols).view(b, c, height, tw)
+            if (grid[2] * patch, grid[4] * patch) != (height, width):
+                resized = _resize_rows_cols(x, _resize_matrix(height, grid[2] * patch, str(x.device), True),
+                                            _resize_matrix(width, grid[4] * patch, str(x.device)))
                 source, source_sq = resized, resized * resized
-            grid = (b, c, th // patch, patch, tw // patch, patch)
-            mean_p, var_p = _mean_var(source.view(grid).sum((0, 1, 3, 5)), source_sq.view(grid).sum((0, 1, 3, 5)),
-                                      b * c * patch * patch)
-            parts = [mean_c, mean_p.flatten(), var_c, var_p.flatten()]
+            out = torch.cat([sum_c, source.view(grid).sum((0, 1, 3, 5)).view(-1),
+                             sq_c, source_sq.view(grid).sum((0, 1, 3, 5)).view(-1)])
         ctx.patch, ctx.dtype = patch, h.dtype
-        ctx.save_for_backward(x, resized, mean_c, mean_p)
-        return torch.cat(parts)
+        ctx.save_for_backward(x, resized)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, resized, mean_c, mean_p = ctx.saved_tensors
+        x, resized = ctx.saved_tensors
         b, c, height, width = x.shape
-        patch = ctx.patch
-        n_patch = 0 if mean_p is None else mean_p.numel()
-        g_mean_c, g_mean_p, g_var_c, g_var_p = grad.split([c, n_patch, c, n_patch])
-        a, slope = _grad_coefficients(g_mean_c, g_var_c, mean_c, b * height * width)
-        a, slope = a.view(c, 1, 1), slope.view(c, 1, 1)
-        if not patch:
-            return torch.addcmul(a, slope, x).to(ctx.dtype), None
-        nh, nw = mean_p.shape
-        a_p, slope_p = _grad_coefficients(g_mean_p.view(nh, nw), g_var_p.view(nh, nw), mean_p,
-                                          b * c * patch * patch)
-        # per patch -> per pixel: (nh, nw) -> (nh * P, nw * P), constant over each patch
-        pixels = torch.stack([a_p, slope_p]).view(2, nh, 1, nw, 1).expand(2, nh, patch, nw, patch)
-        a_p, slope_p = pixels.reshape(2, nh * patch, nw * patch).unbind(0)
-        if resized is None:
-            return torch.addcmul(a + a_p, slope + slope_p, x).to(ctx.dtype), None
-        # the resize's transpose takes a (th, tw) map back to (height, width)
-        rows = _resize_matrix(height, resized.shape[2], str(x.device))
-        cols = _resize_matrix(width, resized.shape[3], str(x.device))
-        back = rows @ torch.addcmul(a_p, slope_p, resized) @ cols.t()
-        return torch.addcmul(a + back, slope, x).to(ctx.dtype), None
+        if not ctx.patch:
+            g = grad.view(2, c, 1, 1)
+            return _as_dtype(torch.addcmul(g[0], g[1], x, value=2.0), ctx.dtype), None
+        grid = _patch_grid(b, c, height, width, ctx.patch)
+        n = grid[2] * grid[4]
+        g_sum, g_sum_p, g_sq, g_sq_p = grad.split([c, n, c, n])
+        g_sum_p, g_sq_p = g_sum_p.view(grid[2], 1, grid[4], 1), g_sq_p.view(grid[2], 1, grid[4], 1)
+        if resized is None:  # both parts on the (B, C, nH, P, nW, P) view of x
+            return _as_dtype(torch.addcmul(g_sum.view(c, 1, 1, 1, 1) + g_sum_p, g_sq.view(c, 1, 1, 1, 1) + g_sq_p,
+                                           x.view(grid), value=2.0).view(x.shape), ctx.dtype), None
+        # the resize's transpose takes the patch part, a (th, tw) map per plane, back to (height, width)
+        pixels = torch.addcmul(g_sum_p, g_sq_p, resized.view(grid), value=2.0).view(resized.shape)
+        back = _resize_rows_cols(pixels, _resize_matrix(height, resized.shape[2], str(x.device)),
+                                 _resize_matrix(width, resized.shape[3], str(x.device), True))
+        return _as_dtype(torch.addcmul(back.add_(g_sum.view(c, 1, 1)), g_sq.view(c, 1, 1), x, value=2.0),
+                         ctx.dtype), None
+
+
+def layer_sums(h: torch.Tensor, patch: int | None) -> torch.Tensor:
+    """A batch's sums of one layer input (see `_LayerSums`) as one float32 vector; differentiable."""
+    return _LayerSums.apply(h, patch)
+
+
+def sums_spec(h: torch.Tensor, patch: int | None) -> tuple[int, int, int, int]:
+    """(channels, patch cells, values per channel sum, values per patch sum) of `layer_sums(h, patch)`."""
+    b, c, height, width = h.shape
+    if not patch:
+        return c, 0, b * height * width, 1
+    grid = _patch_grid(b, c, height, width, patch)
+    return c, grid[2] * grid[4], b * height * width, b * c * patch * patch
+
+
+@functools.lru_cache(maxsize=256)
+def _moment_layout(spec: tuple[tuple[int, int, int, int], ...], device: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For concatenated `layer_sums` blocks of layers `spec`: per element 1 / count, the index of the
+    element's sum of h (itself for a sum of h), and 1.0 where the element is a sum of h^2."""
+    inverse, pair, is_square, offset = [], [], [], 0
+    for channels, cells, per_channel, per_cell in spec:
+        counts = [per_channel] * channels + [per_cell] * cells
+        inverse += [1.0 / n for n in counts] * 2
+        own = list(range(offset, offset + channels + cells))
+        pair += own + own
+        is_square += [0.0] * len(own) + [1.0] * len(own)
+        offset += 2 * len(own)
+    return (torch.tensor(inverse, device=device), torch.tensor(pair, dtype=torch.long, device=device),
+            torch.tensor(is_square, device=device))
+
+
+def block_moments(flat: torch.Tensor, spec: tuple[tuple[int, int, int, int], ...]) -> torch.Tensor:
+    """Concatenated `layer_sums` blocks to moments, layer by layer [mean (C), patch mean (nH*nW),
+    var (C), patch var (nH*nW)]: a handful of kernels for all layers, var = E[h^2] - E[h]^2."""
+    inverse, pair, is_square = _moment_layout(spec, str(flat.device))
+    moments = flat * inverse
+    means = moments[pair]
+    return torch.addcmul(moments, means * is_square, means, value=-1.0)
 
 
 def layer_moments(h: torch.Tensor, patch: int | None) -> torch.Tensor:
     """A batch's statistics of one layer input as one float32 vector: [mean (C), patch mean (nH*nW),
     var (C), patch var (nH*nW)] (the patch parts only with `patch`); differentiable."""
-    return _LayerMoments.apply(h, patch)
+    return block_moments(layer_sums(h, patch), (sums_spec(h, patch),))
 
 
 def split_moments(block: torch.Tensor, channels: int, patch: bool) -> dict[str, torch.Tensor]:
@@ -189,9 +232,10 @@ def hooked_layers(model: nn.Module, bn: bool = True, conv: bool = True,
 class StatisticHooks:
     """Forward pre-hooks that record the statistics of each hooked layer's input.
 
-    `mode="batch"` records `layer_moments` blocks (with gradients, for synthesis); `mode="image"` records
-    `image_statistics` dicts (for the statistics pass). Recording happens only inside `capture()`, so the
-    same observer can run hook-free forwards (e.g. the flatness term's EMA images).
+    `mode="batch"` records `layer_sums` blocks (with gradients, for synthesis; `batch_moments` turns
+    them into the flat moment vector the matching compares); `mode="image"` records
+    `image_statistics` dicts (for the statistics pass). Recording happens only inside `capture()`, so
+    the same observer can run hook-free forwards (e.g. the flatness term's EMA images).
     """
 
     def __init__(self, layers: list[HookedLayer], mode: str = "batch"):
@@ -200,17 +244,22 @@ class StatisticHooks:
         self.layers = layers
         self.mode = mode
         self.records: list = [None] * len(layers)
+        self.specs: list = [None] * len(layers)
         self._active = False
         self._handles = [layer.module.register_forward_pre_hook(self._hook(i))
                          for i, layer in enumerate(layers)]
 
     def _hook(self, index: int):
-        stat_fn = layer_moments if self.mode == "batch" else image_statistics
         patch = self.layers[index].patch
 
         def hook(module: nn.Module, inputs: tuple) -> None:
-            if self._active:
-                self.records[index] = stat_fn(inputs[0], patch)
+            if not self._active:
+                return
+            if self.mode == "batch":
+                self.records[index] = layer_sums(inputs[0], patch)
+                self.specs[index] = sums_spec(inputs[0], patch)
+            else:
+                self.records[index] = image_statistics(inputs[0], patch)
         return hook
 
     @contextlib.contextmanager
@@ -222,6 +271,13 @@ class StatisticHooks:
             yield self.records
         finally:
             self._active = False
+
+    def batch_moments(self) -> torch.Tensor:
+        """The last capture's moments of every layer as one flat vector (layer by layer, each
+        [mean, patch mean, var, patch var]); empty without hooked layers. Batch mode only."""
+        if not self.records:
+            return torch.zeros(0)
+        return block_moments(torch.cat(self.records), tuple(self.specs))
 
     def remove(self) -> None:
         """Detach the hooks from the model."""

@@ -96,9 +96,9 @@ def matching_loss(x: torch.Tensor, labels: torch.Tensor, observers: Sequence[Obs
             hooks = StatisticHooks(obs.layers)
             try:
                 for view in views:
-                    with hooks.capture() as records:
+                    with hooks.capture():
                         obs.model(view)
-                    values.append(float(plan.loss(records, None, 0.0)[0]))
+                    values.append(float(plan.loss(hooks.batch_moments(), None, 0.0)[0]))
             finally:
                 hooks.remove()
     return sum(values) / len(values)
@@ -157,10 +157,10 @@ def step_loss(model: nn.Module, hooks: StatisticHooks, plan: MatchingPlan, label
     Returns (loss, the TERMS as one device tensor, new running statistics). Everything a unit changes
     (plan, labels, images) comes in as arguments, so a compiled version serves every unit.
     """
-    with hooks.capture() as records:
+    with hooks.capture():
         logits = _observer_forward(model, augmented(x, thetas, offsets), precision)
     ce = F.cross_entropy(logits, labels)
-    reg, running = plan.loss(records, running, cfg.stat_momentum)
+    reg, running = plan.loss(hooks.batch_moments(), running, cfg.stat_momentum)
     loss = cfg.ce_weight * ce + cfg.r * reg
     flat = torch.zeros_like(ce)
     if cfg.flatness_weight > 0:
