@@ -25,6 +25,37 @@ class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message says what is allowed."""
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: bytes | str, origin: str) -> Any:
+    """YAML `text` as plain data (safe: no Python tags), refusing duplicate keys.
+
+    Errors become `ConfigError` naming `origin` with the line and column, never the text itself (a
+    file given by mistake may hold something secret).
+    """
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{origin}: not valid YAML{where}: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin}: not valid YAML ({type(err).__name__})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{origin}: not a text file (it is not UTF-8)") from None
+
+
 @dataclass
 class DataConfig:
     """Where the prepared WebDataset shards live, and how to prepare them on first use."""
@@ -288,7 +319,7 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = parse_yaml(raw, f"override {dotted.strip()!r}")
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -298,11 +329,20 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         from edc_ray.storage import fsio
 
         try:
-            data = yaml.safe_load(fsio.read_bytes(path)) or {}
+            raw = fsio.read_bytes(path)
         except FileNotFoundError:
             raise ConfigError(f"config file {path!r} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path!r} is a directory; give a YAML file") from None
+        except PermissionError:
+            raise ConfigError(f"config file {path!r} cannot be read (permission denied)") from None
+        data = parse_yaml(raw, f"config file {path!r}")
+        if data is None:
+            raise ConfigError(f"config file {path!r} is empty; give at least one key (e.g. `method: edc`), "
+                              "or leave out --config for the demo")
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
+            raise ConfigError(f"config file {path!r} must hold a mapping of keys at the top level, "
+                              f"not a {type(data).__name__}")
     for assignment in overrides:
         apply_override(data, assignment)
     cfg = from_dict(Config, with_presets(data))
@@ -319,7 +359,7 @@ def preset(kind: str, name: str) -> dict:
     from importlib import resources
 
     text = resources.files("edc_ray").joinpath("presets", kind, f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+    return parse_yaml(text, f"preset {kind}/{name}") or {}
 
 
 def deep_merge(base: dict, top: dict) -> dict:
@@ -454,6 +494,76 @@ def validate(cfg: Config) -> None:
            "must be >= 0")
     _check(st.batch_size >= 1, "statistics.batch_size", st.batch_size, "must be >= 1")
     _check(st.loader_workers >= 0, "statistics.loader_workers", st.loader_workers, "must be >= 0")
+    _check(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
+    _check(all(seed >= 0 for seed in e.seeds), "evaluation.seeds", e.seeds, "every seed must be >= 0")
+    d = cfg.data
+    _check(bool(d.root.strip()), "data.root", d.root, "give a folder or s3:// prefix")
+    _check(d.shard_size >= 1, "data.shard_size", d.shard_size, "must be >= 1 (samples per shard)")
+    _check(d.image_size is None or d.image_size >= 1, "data.image_size", d.image_size, "must be >= 1 or null")
+    _check(o.lr > 0, "observers.lr", o.lr, "must be > 0")
+    _check(0.0 <= o.momentum < 1.0, "observers.momentum", o.momentum, "must be in [0, 1)")
+    _check(o.weight_decay >= 0, "observers.weight_decay", o.weight_decay, "must be >= 0")
+    _check(o.crop_padding >= 0, "observers.crop_padding", o.crop_padding, "must be >= 0 (pixels)")
+    _check(e.lr > 0, "evaluation.lr", e.lr, "must be > 0")
+    _check(e.weight_decay >= 0, "evaluation.weight_decay", e.weight_decay, "must be >= 0")
+    _check(e.ce_weight >= 0, "evaluation.ce_weight", e.ce_weight, "must be >= 0")
+    _check(e.gamma > 0, "evaluation.gamma", e.gamma, "must be > 0 (the multistep decay factor)")
+    _check(e.val_batch_size >= 1, "evaluation.val_batch_size", e.val_batch_size, "must be >= 1")
+    _check(e.eval_every >= 0, "evaluation.eval_every", e.eval_every, "must be >= 0 (0: only after the last epoch)")
+    _check(all(m >= 1 for m in e.milestones) and list(e.milestones) == sorted(set(e.milestones)),
+           "evaluation.milestones", e.milestones, "must be increasing epochs >= 1")
+    _check(r.num_cpus is None or r.num_cpus >= 1, "ray.num_cpus", r.num_cpus, "must be >= 1 or null (all cores)")
+    _check(r.train_worker_cpus >= 0, "ray.train_worker_cpus", r.train_worker_cpus, "must be >= 0")
+    _check(valid_address(r.address), "ray.address", r.address,
+           "use 'local' (a private instance), 'auto' (the cluster this machine is in), host:port or "
+           "ray://host:port")
+    problem = run_dir_problem(cfg.output.run_dir, d.root)
+    _check(problem is None, "output.run_dir", cfg.output.run_dir, problem or "")
+
+
+def check_local_resources(cfg: Config, cpus: int, gpus: int) -> None:
+    """Refuse per-task requests that a local instance of `cpus` CPUs and `gpus` GPUs can never place
+    (Ray would wait for them forever); raises `ConfigError`."""
+    r = cfg.ray
+    where = f"the local Ray instance has {cpus} CPUs (ray.num_cpus, or all cores) and {gpus} GPUs"
+    for key, value in (("actor_cpus", r.actor_cpus), ("stats_cpus", r.stats_cpus)):
+        _check(value <= cpus, f"ray.{key}", value, f"{where}; a task asking for more never starts")
+    for key, value in (("actor_gpus", r.actor_gpus), ("stats_gpus", r.stats_gpus)):
+        _check(value <= gpus, f"ray.{key}", value, f"{where}; a task asking for more never starts")
+    _check(r.train_workers * r.train_worker_cpus <= cpus, "ray.train_workers x ray.train_worker_cpus",
+           (r.train_workers, r.train_worker_cpus), f"{where}; one training run needs all its workers at once")
+    _check(not r.train_use_gpu or r.train_workers <= gpus, "ray.train_use_gpu", r.train_use_gpu,
+           f"{where}; each of the {r.train_workers} training workers needs a GPU")
+
+
+def valid_address(address: str) -> bool:
+    """Whether `address` is a Ray address: local, auto, host:port or ray://host:port."""
+    if address in ("local", "auto"):
+        return True
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    return bool(host) and "/" not in host and port.isdigit() and 1 <= int(port) <= 65535
+
+
+def run_dir_problem(run_dir: str, data_root: str) -> str | None:
+    """Why `run_dir` cannot be a run folder (a filesystem or bucket root, the home or current folder,
+    the dataset), or None."""
+    import os
+
+    path = run_dir.strip()
+    if path.startswith("s3://"):
+        if "/" not in path[len("s3://"):].strip("/"):
+            return "it is a bucket root; give a prefix inside it (s3://bucket/runs/name)"
+        return None if path.rstrip("/") != data_root.rstrip("/") else "it is the dataset's folder (data.root)"
+    if not path:
+        return "give a folder"
+    resolved = os.path.realpath(os.path.expanduser(path))
+    if resolved == os.path.realpath(os.sep):
+        return "it is the filesystem root; give a folder of its own (e.g. runs/name)"
+    if resolved in (os.path.realpath(os.path.expanduser("~")), os.path.realpath(os.getcwd())):
+        return "it is the home or the current folder; give a folder of its own (e.g. runs/name)"
+    if not data_root.startswith("s3://") and resolved == os.path.realpath(os.path.expanduser(data_root)):
+        return "it is the dataset's folder (data.root)"
+    return None
 
 
 def _known_archs() -> str:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edc_ray.cli import add_config_arguments, config_from_arguments
-from edc_ray.config import ConfigError
+from edc_ray.cli import add_config_arguments, config_from_arguments, run_job
 from edc_ray.pipeline.run import run_pipeline
 
 
@@ -23,10 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_arguments(args)
     if cfg is None:
         return 2
-    try:
-        report = run_pipeline(cfg)
-    except ConfigError as err:  # e.g. a run folder finished under another config
-        print(f"config error: {err}", file=sys.stderr)
+    report = run_job(lambda: run_pipeline(cfg, args.break_lease))  # e.g. a run folder finished under another config
+    if report is None:
         return 2
     print(f"\nrun folder: {report['run_dir']}")
     for row in report["evaluation"]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edc_ray.cli import add_config_arguments, config_from_arguments
+from edc_ray.cli import add_config_arguments, config_from_arguments, run_job
 from edc_ray.pipeline.run import evaluate_imagefolder
 
 
@@ -27,10 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_arguments(args)
     if cfg is None:
         return 2
-    try:
-        results = evaluate_imagefolder(cfg, args.images, args.label)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    results = run_job(lambda: evaluate_imagefolder(cfg, args.images, args.label, args.break_lease))
+    if results is None:
         return 2
     for row in results:
         print(f"  {row['student']:>12} on {args.images} ({row['images']} images): final top-1 "

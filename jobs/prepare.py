@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from edc_ray.cli import run_job
 from edc_ray.storage import SOURCES, prepare_dataset
 
 SOURCE_OPTIONS = ("names", "channels", "dataset")  # passed to the source only when given
@@ -35,16 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", help="torchvision: dataset class, e.g. CIFAR10, MNIST, FashionMNIST")
     args = parser.parse_args(argv)
     options = {key: getattr(args, key) for key in SOURCE_OPTIONS if getattr(args, key) is not None}
-    info = prepare_dataset(
-        args.source,
-        args.src,
-        args.out,
-        shard_size=args.shard_size,
-        image_size=args.image_size,
-        name=args.name,
-        overwrite=args.overwrite,
-        source_options=options,
-    )
+    info = run_job(lambda: prepare_dataset(args.source, args.src, args.out, shard_size=args.shard_size,
+                                           image_size=args.image_size, name=args.name, overwrite=args.overwrite,
+                                           source_options=options))
+    if info is None:
+        return 2
     for split, split_info in info.splits.items():
         print(f"{info.name} {split}: {split_info.count} images in {len(split_info.shards)} shards under {args.out}")
     return 0

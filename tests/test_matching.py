@@ -197,3 +197,12 @@ def test_compiled_step_gives_the_eager_result():
     runs = {c: synthesize_unit(x0, labels, observers, SynthesisConfig(iterations=6, compile=c), bounds, seed=2)
             for c in (False, True)}
     assert torch.allclose(runs[True].images, runs[False].images, atol=1e-4)
+
+
+def test_layer_sums_of_a_non_contiguous_input():
+    h = torch.randn(2, 6, 7, 5).transpose(1, 3)  # (2, 5, 5, 7) strided, as after a channel shuffle
+    weights = torch.randn(len(layer_moments(h.contiguous(), 4)))
+    a, b = h.clone().requires_grad_(True), h.contiguous().clone().requires_grad_(True)
+    (layer_moments(a.transpose(1, 3).transpose(1, 3), 4) * weights).sum().backward()
+    (layer_moments(b, 4) * weights).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)

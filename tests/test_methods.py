@@ -115,14 +115,14 @@ def test_imagefolder_export_round_trip(tmp_path):
     assert export_imagefolder([shard], ["zero", "one/1", "two"], folder) == 9
     assert fsio.list_dirs(folder) == ["0-zero", "1-one_1", "2-two"]
     back = str(tmp_path / "back.tar")
-    assert imagefolder_shard(folder, back, channels=1, image_size=12, num_classes=3) == 9
+    assert imagefolder_shard(folder, back, channels=1, image_size=12, classes=["zero", "one/1", "two"]) == 9
     samples = list(iter_samples([back]))
     assert sorted((tuple(x.flatten().tolist()), y) for _, x, y in samples) == \
         sorted((tuple(x.flatten().tolist()), int(y)) for x, y in zip(images, labels))
-    with pytest.raises(ValueError, match="has 3 class folders with images; the dataset has 4"):
-        imagefolder_shard(folder, back, channels=1, image_size=12, num_classes=4)
+    with pytest.raises(ValueError, match=r"has no images of 1 of the dataset's 4 classes: \['three'\]"):
+        imagefolder_shard(folder, back, channels=1, image_size=12, classes=["zero", "one/1", "two", "three"])
     with pytest.raises(ValueError, match=r"0-zero/k0.png: image is 12x12, the dataset's are 16x16"):
-        imagefolder_shard(folder, back, channels=1, image_size=16, num_classes=3)
+        imagefolder_shard(folder, back, channels=1, image_size=16, classes=["zero", "one/1", "two"])
 
 
 def _grid(tmp_path, **kw) -> Grid:

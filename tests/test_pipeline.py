@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from edc_ray.config import load_config
+from edc_ray.pipeline.evaluation import evaluation_key
 from edc_ray.pipeline.run import run_pipeline
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import iter_samples, load_split
@@ -40,7 +41,8 @@ def shard_bytes(run_dir: str) -> dict[str, bytes]:
 
 def test_pipeline_end_to_end(ray_local, tiny_imagefolder, tmp_path):
     data_root, run_dir = str(tmp_path / "data"), str(tmp_path / "run")
-    report = run_pipeline(tiny_config(tiny_imagefolder, data_root, run_dir))
+    cfg = tiny_config(tiny_imagefolder, data_root, run_dir)
+    report = run_pipeline(cfg)
     run = RunFolder(run_dir)
 
     # every unit written exactly once, by named actors that had started (units never wait on the others)
@@ -79,7 +81,8 @@ def test_pipeline_end_to_end(ray_local, tiny_imagefolder, tmp_path):
         assert preview.format == "PNG" and preview.height > 3 * 12 and preview.width > 2 * 12  # 3 rows x 2
     assert run.exists("config.yaml") and run.exists("stats", "global.pt") and run.exists("stats", "_complete.json")
     assert not run.exists("stats", "parts")  # the partial results are gone once merged
-    assert all(os.path.isdir(run.path("eval", f"distilled-convnet_d2-seed{k}")) for k in (0, 1))  # Ray Train runs
+    key = evaluation_key(cfg.evaluation)
+    assert all(os.path.isdir(run.path("eval", f"distilled-convnet_d2-seed{k}-{key}")) for k in (0, 1))  # Ray Train
 
     # a re-run resumes: nothing is redone, the distilled set is untouched
     before = shard_bytes(run_dir)

@@ -274,7 +274,7 @@ def test_evaluation_resumes_from_last_checkpoint_after_worker_dies(ray_local, ti
 
     thread = threading.Thread(target=evaluate)
     thread.start()
-    storage = Path(run.path("eval", "distilled-convnet_d2-seed0"))
+    storage = Path(run.path("eval", f"distilled-convnet_d2-seed0-{evaluation.evaluation_key(cfg.evaluation)}"))
     # Two complete checkpoints: a worker's report returns only once the controller took it, so the
     # first one is registered with Ray Train by the time the second one's files exist.
     deadline = time.monotonic() + WAIT_S

@@ -93,7 +93,7 @@ class _LayerSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, patch: int | None) -> torch.Tensor:
-        x = _as_dtype(h, torch.float32)
+        x = _as_dtype(h, torch.float32).contiguous()  # views below need it (e.g. after a channel shuffle)
         b, c, height, width = x.shape
         square = x * x
         sum_c, sq_c = x.sum((0, 2, 3)), square.sum((0, 2, 3))

@@ -8,6 +8,8 @@ validation on this rank's share of the real test split, summed across ranks.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import tempfile
@@ -143,19 +145,42 @@ def run_name(label: str, student: str) -> str:
     return f"{label}-{student.replace(':', '_')}"
 
 
+# What one student run does not depend on: which students and seeds run, and the random baseline.
+_RUN_FREE_KEYS = ("students", "seeds", "random_baseline")
+
+
+def evaluation_key(evaluation: EvaluationConfig) -> str:
+    """A short hash of the evaluation settings one student run depends on: its Ray Train storage and
+    its summary carry it, so a checkpoint or result made under other settings is never reused."""
+    settings = {k: v for k, v in to_dict(evaluation).items() if k not in _RUN_FREE_KEYS}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def fit_seed(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: ObserverSet, target: EvalSet,
              student: str, seed: int) -> dict:
-    """One Ray Train run: `student` trained with `seed` on `target`; cached as eval/<name>-seed<k>.json."""
-    name = f"{run_name(target.label, student)}-seed{seed}"
+    """One Ray Train run: `student` trained with `seed` on `target`; cached as eval/<name>-seed<k>.json.
+
+    Ray Train's storage is eval/<name>-seed<k>-<evaluation key>/, so an interrupted run resumes only
+    under the same evaluation settings; a cached summary is reused only if its key matches. A
+    non-finite top-1 raises instead of being cached.
+    """
+    name, key = f"{run_name(target.label, student)}-seed{seed}", evaluation_key(cfg.evaluation)
     if run.exists("eval", f"{name}.json"):
-        return run.read_json("eval", f"{name}.json")
+        cached = run.read_json("eval", f"{name}.json")
+        if cached.get("evaluation_key") == key:
+            return cached
     config = {"evaluation": to_dict(cfg.evaluation), "meta": meta.__dict__, "train_urls": list(target.urls),
               "data_root": cfg.data.root, "val_split": cfg.data.val_split, "seed": seed,
               "teacher_refs": list(observers.subset(cfg.evaluation.teachers).refs), "student": student,
               "cpus": cfg.ray.train_worker_cpus, "label": run_name(target.label, student)}
-    result = fit_torch_trainer(train_student_loop, config, name, run.path("eval"), cfg.ray.train_workers,
-                               cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus, max_failures=2)
-    summary = {"seed": seed, "final_top1": result.metrics["top1"], "best_top1": result.metrics["best_top1"]}
+    result = fit_torch_trainer(train_student_loop, config, f"{name}-{key}", run.path("eval"),
+                               cfg.ray.train_workers, cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus, max_failures=2)
+    summary = {"seed": seed, "final_top1": result.metrics["top1"], "best_top1": result.metrics["best_top1"],
+               "evaluation_key": key}
+    if not all(math.isfinite(float(summary[k])) for k in ("final_top1", "best_top1")):
+        raise RuntimeError(f"evaluation {name} ended with top-1 {summary['final_top1']} (best "
+                           f"{summary['best_top1']}): not a number, so nothing was cached; see Ray Train's "
+                           f"logs under {run.path('eval', f'{name}-{key}')}")
     run.write_json(summary, "eval", f"{name}.json")
     return summary
 
@@ -172,6 +197,16 @@ def concurrent_runs(cfg: Config) -> int:
     return max(1, int(min(room)))
 
 
+def _current_summary(run: RunFolder, name: str, evaluation: EvaluationConfig) -> dict | None:
+    """The cached summary eval/<name>.json if it was made under these evaluation settings and seeds."""
+    if not run.exists("eval", f"{name}.json"):
+        return None
+    summary = run.read_json("eval", f"{name}.json")
+    current = summary.get("evaluation_key") == evaluation_key(evaluation) and \
+        [r["seed"] for r in summary["per_seed"]] == list(evaluation.seeds)
+    return summary if current else None
+
+
 def evaluate_sets(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: ObserverSet,
                   targets: list[EvalSet]) -> list[dict]:
     """Train and validate every student of `cfg` on every set, one Ray Train run per seed, as many runs at
@@ -180,7 +215,8 @@ def evaluate_sets(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: Obs
 
     fit = ray.remote(num_cpus=0)(fit_seed)
     jobs = [(target, student, seed) for student in cfg.evaluation.students for target in targets
-            for seed in cfg.evaluation.seeds if not run.exists("eval", f"{run_name(target.label, student)}.json")]
+            for seed in cfg.evaluation.seeds
+            if _current_summary(run, run_name(target.label, student), cfg.evaluation) is None]
     pending, limit = list(jobs), concurrent_runs(cfg)
     in_flight: list = []
     while pending or in_flight:
@@ -192,13 +228,14 @@ def evaluate_sets(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: Obs
     for student in cfg.evaluation.students:
         for target in targets:
             name = run_name(target.label, student)
-            if not run.exists("eval", f"{name}.json"):
+            if _current_summary(run, name, cfg.evaluation) is None:
                 per_seed = [run.read_json("eval", f"{name}-seed{seed}.json") for seed in cfg.evaluation.seeds]
                 finals = torch.tensor([r["final_top1"] for r in per_seed], dtype=torch.float64)
                 bests = torch.tensor([r["best_top1"] for r in per_seed], dtype=torch.float64)
                 run.write_json({"set": target.label, "student": student, "final_top1": float(finals.mean()),
                                 "final_top1_std": float(finals.std(correction=0)), "best_top1": float(bests.mean()),
-                                "per_seed": per_seed, "epochs": cfg.evaluation.epochs, "images": target.images},
+                                "per_seed": per_seed, "epochs": cfg.evaluation.epochs, "images": target.images,
+                                "evaluation_key": evaluation_key(cfg.evaluation)},
                                "eval", f"{name}.json")
             summaries.append(run.read_json("eval", f"{name}.json"))
     return summaries

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ray
-import yaml
 
-from edc_ray.config import Config, ConfigError, changed_keys, dump_config, from_dict, to_dict
+from edc_ray.config import (Config, ConfigError, changed_keys, check_local_resources, dump_config, from_dict,
+                            parse_yaml, to_dict)
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, observer_payload
 from edc_ray.pipeline.evaluation import EvalSet, evaluate_sets, load_images
 from edc_ray.pipeline.observers import observer_names, observers_stage
@@ -25,6 +26,7 @@ from edc_ray.pipeline.synthesis import (SynthesisResult, baseline_folder, random
 from edc_ray.storage import fsio
 from edc_ray.storage.export import export_imagefolder, imagefolder_shard
 from edc_ray.storage.prepare import ensure_prepared
+from edc_ray.storage.lease import RunLease
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import DatasetInfo, read_info
 
@@ -46,6 +48,13 @@ def prepare_data(cfg: Config) -> DatasetInfo:
     return info
 
 
+def local_gpus() -> int:
+    """The CUDA devices a local Ray instance would see."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def start_ray(cfg: Config) -> bool:
     """Start a private local Ray instance or join a cluster; False when Ray was already running."""
     if ray.is_initialized():
@@ -58,13 +67,15 @@ def start_ray(cfg: Config) -> bool:
 
 
 class StageTimer:
-    """Prints one line per stage and records its wall time."""
+    """Prints one line per stage and records its wall time; `before_each` runs at every stage start."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.before_each: Callable[[], None] = lambda: None
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        self.before_each()
         print(f"[edc-ray] stage {name} ...", flush=True)
         start = time.perf_counter()
         yield
@@ -107,7 +118,7 @@ def stored_config(run: RunFolder) -> Config | None:
     """The resolved config a run folder was last run with (None: no run yet)."""
     if not run.exists("config.yaml"):
         return None
-    return from_dict(Config, yaml.safe_load(fsio.read_bytes(run.path("config.yaml"))) or {})
+    return from_dict(Config, parse_yaml(fsio.read_bytes(run.path("config.yaml")), run.path("config.yaml")) or {})
 
 
 def check_run_folder(run: RunFolder, cfg: Config) -> None:
@@ -133,18 +144,25 @@ def check_run_folder(run: RunFolder, cfg: Config) -> None:
 
 
 @contextlib.contextmanager
-def session(cfg: Config) -> Iterator[Session]:
-    """Prepare the data, write the resolved config, start Ray and load (or train) the observers."""
+def session(cfg: Config, break_lease: bool = False) -> Iterator[Session]:
+    """Prepare the data, lease the run folder, write the resolved config, start Ray and load (or train)
+    the observers; the lease is released at the end (`break_lease`: take over another driver's lease)."""
     absolute_paths(cfg)
+    if cfg.ray.address == "local" and not ray.is_initialized():  # requests it can never place would hang
+        check_local_resources(cfg, cfg.ray.num_cpus or os.cpu_count() or 1, local_gpus())
     stage = StageTimer()
     with stage("prepare"):
         info = prepare_data(cfg)
     meta = DatasetMeta.from_info(info)
     run = RunFolder(cfg.output.run_dir)
-    check_run_folder(run, cfg)
-    run.write_text(dump_config(cfg), "config.yaml")
-    started = start_ray(cfg)
+    lease = RunLease(run.root)
+    lease.acquire(break_lease)  # before the first write into the run folder
+    started = False
     try:
+        stage.before_each = lease.check
+        check_run_folder(run, cfg)
+        run.write_text(dump_config(cfg), "config.yaml")
+        started = start_ray(cfg)
         with stage("observers"):
             observers = observers_stage(cfg, run, meta)
         refs = tuple(ray.put(observer_payload(arch, model)) for arch, model in observers)  # once
@@ -153,6 +171,7 @@ def session(cfg: Config) -> Iterator[Session]:
     finally:
         if started:
             ray.shutdown()
+        lease.release()
 
 
 def teacher_spec(s: Session) -> dict:
@@ -186,9 +205,9 @@ def export_stage(s: Session, distilled: SynthesisResult) -> str:
     return s.run.path("export")
 
 
-def run_pipeline(cfg: Config) -> dict:
+def run_pipeline(cfg: Config, break_lease: bool = False) -> dict:
     """Run (or resume) the whole condensation for `cfg`; returns the report."""
-    with session(cfg) as s:
+    with session(cfg, break_lease) as s:
         run, meta, stage = s.run, s.meta, s.stage
         with stage("statistics"):
             statistics_stage(cfg, run, s.info, meta, s.observers)
@@ -227,12 +246,12 @@ def run_pipeline(cfg: Config) -> dict:
         return report
 
 
-def evaluate_imagefolder(cfg: Config, src: str, label: str = "imported") -> list[dict]:
+def evaluate_imagefolder(cfg: Config, src: str, label: str = "imported", break_lease: bool = False) -> list[dict]:
     """Evaluate an ImageFolder distilled set (made by any tool) with our protocol and observers."""
-    with session(cfg) as s:
+    with session(cfg, break_lease) as s:
         url = s.run.path("imported", f"{label}.tar")
         with s.stage("import"):
-            count = imagefolder_shard(src, url, s.meta.channels, s.meta.image_size, s.meta.num_classes)
+            count = imagefolder_shard(src, url, s.meta.channels, s.meta.image_size, s.info.classes)
             print(f"[edc-ray] {count} images from {src}", flush=True)
         with s.stage("evaluation"):
             results = evaluate_sets(cfg, s.run, s.meta, s.observers, [EvalSet(label, (url,), count)])

@@ -31,7 +31,8 @@ from edc_ray.pipeline.common import DatasetMeta, ObserverSet, PeakMemory, load_m
 from edc_ray.storage import fsio
 from edc_ray.storage.candidates import fetch_payloads, raw_source, read_candidates, write_candidates
 from edc_ray.storage.run_folder import CLASSES_PER_BLOCK, RunFolder, load_torch_bytes, torch_bytes
-from edc_ray.storage.shards import DatasetInfo, decode_sample, iter_raw_samples, shard_urls
+from edc_ray.storage.shards import (DatasetInfo, SampleSpec, check_label, decode_sample, iter_raw_samples,
+                                    shard_urls)
 
 
 def needs_sums(cfg: Config) -> bool:
@@ -102,13 +103,14 @@ def collate_samples(items: list[tuple]) -> SampleBatch:
 class TaskSamples(IterableDataset):
     """The samples of a task's shards (split across loader processes), decoded when `decode`."""
 
-    def __init__(self, urls: list[str], counts: dict[str, int], seed: int, decode: bool):
-        self.urls, self.counts, self.seed, self.decode = urls, counts, seed, decode
+    def __init__(self, urls: list[str], counts: dict[str, int], seed: int, decode: bool, spec: SampleSpec):
+        self.urls, self.counts, self.seed, self.decode, self.spec = urls, counts, seed, decode, spec
 
     def __iter__(self):
         for raw in iter_raw_samples(self.urls, expected_counts=self.counts, workersplitter=wds.split_by_worker):
-            image = decode_sample(raw)[1] if self.decode else None
-            yield (raw.key, raw.label, sample_priority(raw.key, self.seed), raw.fields[raw.image_field],
+            label = check_label(raw, self.spec)
+            image = decode_sample(raw, self.spec)[1] if self.decode else None
+            yield (raw.key, label, sample_priority(raw.key, self.seed), raw.fields[raw.image_field],
                    raw_source(raw), image)
 
 
@@ -127,7 +129,8 @@ def run_statistics_task(run: RunFolder, task: int, urls: list[str], counts: dict
         scan = StatisticsPass(models, meta.num_classes, cfg.statistics, meta.mean, meta.std, device) \
             if products.sums else None
         reservoir = CandidateReservoir(meta.num_classes, k, hold_below)
-        loader = DataLoader(TaskSamples(urls, counts, cfg.seed, decode=products.sums),
+        spec = SampleSpec(meta.channels, meta.image_size, meta.num_classes)
+        loader = DataLoader(TaskSamples(urls, counts, cfg.seed, decode=products.sums, spec=spec),
                             batch_size=cfg.statistics.batch_size, collate_fn=collate_samples,
                             num_workers=min(cfg.statistics.loader_workers, len(urls)),
                             pin_memory=device.type == "cuda")

@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from edc_ray.storage.shards import iter_samples, read_info, shard_urls
+from edc_ray.storage.shards import SampleSpec, iter_samples, read_info, shard_urls
 
 
 class RankSplitter:
@@ -36,9 +36,9 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, urls: list[str], counts: dict[str, int], rank: int, world: int,
-                 shuffle: int = 0, seed: int = 0):
+                 shuffle: int = 0, seed: int = 0, spec: SampleSpec | None = None):
         self.urls, self.counts, self.rank, self.world = urls, counts, rank, world
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle, self.seed, self.spec = shuffle, seed, spec
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         generator = torch.Generator().manual_seed(self.seed)
@@ -46,7 +46,7 @@ class ShardStream(IterableDataset):
         if self.shuffle:
             urls = [urls[i] for i in torch.randperm(len(urls), generator=generator).tolist()]
         samples = ((image, label) for _, image, label in iter_samples(
-            urls, expected_counts=self.counts, nodesplitter=RankSplitter(self.rank, self.world),
+            urls, expected_counts=self.counts, spec=self.spec, nodesplitter=RankSplitter(self.rank, self.world),
             workersplitter=wds.split_by_worker))
         yield from shuffled(samples, self.shuffle, generator) if self.shuffle else samples
 
@@ -68,8 +68,8 @@ def split_stream(root: str, split: str, rank: int, world: int, batch_size: int, 
     info = read_info(root)
     urls = shard_urls(root, info, split)
     counts = dict(zip(urls, info.splits[split].shard_counts))
-    return DataLoader(ShardStream(urls, counts, rank, world, shuffle, seed), batch_size=batch_size,
-                      num_workers=workers)
+    return DataLoader(ShardStream(urls, counts, rank, world, shuffle, seed, SampleSpec.of(info)),
+                      batch_size=batch_size, num_workers=workers)
 
 
 def rank_sample_counts(shard_counts: Sequence[int], world: int) -> list[int]:

@@ -5,7 +5,8 @@
                                                  evaluation protocol)
 
 An ImageFolder made by any tool (e.g. for DD-Ranking) converts back into one WebDataset shard with
-`imagefolder_shard`, so `jobs/evaluate.py` evaluates it with our protocol.
+`imagefolder_shard` (folders named after the dataset's classes), so `jobs/evaluate.py` evaluates it
+with our protocol.
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import re
 
 import numpy as np
 
+from edc_ray.errors import DataError
 from edc_ray.storage import fsio
 from edc_ray.storage.shards import encode_png, iter_raw_samples, write_shard
-from edc_ray.storage.sources import CHANNEL_MODES, class_files, read_image
+from edc_ray.storage.sources import CHANNEL_MODES, IMAGE_EXTENSIONS, read_image
 
 
 def safe_name(name: str) -> str:
@@ -39,30 +41,55 @@ def export_imagefolder(urls: list[str], classes: list[str], dest: str) -> int:
     return count
 
 
-def read_imagefolder(src: str, channels: int, image_size: int) -> list[tuple[np.ndarray, int]]:
-    """(HxWxC uint8 image, label) of an ImageFolder whose sorted class folders are the labels.
+def folder_labels(folders: list[str], classes: list[str], src: str) -> dict[str, int]:
+    """The label of each class folder: its name is a class name, that name made safe (`safe_name`), or
+    `<index>-<safe name>` as `export_imagefolder` writes it. An unknown folder is an error, never a guess."""
+    names: dict[str, int] = {}
+    for index, name in enumerate(classes):
+        for form in (name, safe_name(name), f"{index}-{safe_name(name)}",
+                     f"{index:0{len(str(len(classes) - 1))}d}-{safe_name(name)}"):
+            names.setdefault(form, index)
+    unknown = [f for f in folders if f not in names]
+    if unknown:
+        raise DataError(f"{src!r}: class folders {unknown[:10]} are not classes of the dataset; name each folder "
+                        f"after its class (e.g. {classes[:3]}), or <index>-<class> as the export does")
+    labels = {f: names[f] for f in folders}
+    twice = sorted({classes[v] for v in labels.values() if list(labels.values()).count(v) > 1})
+    if twice:
+        raise DataError(f"{src!r}: more than one folder names class(es) {twice[:10]}")
+    return labels
 
-    Raises ValueError naming the file when an image does not have the dataset's size.
+
+def read_imagefolder(src: str, channels: int, image_size: int, classes: list[str]) -> list[tuple[np.ndarray, int]]:
+    """(HxWxC uint8 image, label) of an ImageFolder whose class folders are named after `classes`
+    (see `folder_labels`); every class must have images.
+
+    Raises DataError naming the file when an image does not have the dataset's size, and naming the
+    folders when they do not map onto the classes.
     """
-    classes = fsio.list_dirs(src)
-    if not classes:
-        raise ValueError(f"{src!r} has no class folders; expected <src>/<class>/<image>.png")
+    folders = fsio.list_dirs(src)
+    if not folders:
+        raise DataError(f"{src!r} has no class folders; expected <src>/<class>/<image>.png")
+    labels = folder_labels(folders, classes, src)
     samples = []
-    for url, label in class_files(src, classes):
-        array = read_image(url, CHANNEL_MODES[channels])
-        if array.shape[:2] != (image_size, image_size):
-            raise ValueError(f"{url}: image is {array.shape[1]}x{array.shape[0]}, the dataset's are "
-                             f"{image_size}x{image_size}")
-        samples.append((array.reshape(image_size, image_size, channels), label))
+    for folder in folders:
+        for url in fsio.list_files(fsio.join(src, folder)):
+            if not url.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            array = read_image(url, CHANNEL_MODES[channels])
+            if array.shape[:2] != (image_size, image_size):
+                raise DataError(f"{url}: image is {array.shape[1]}x{array.shape[0]}, the dataset's are "
+                                f"{image_size}x{image_size}")
+            samples.append((array.reshape(image_size, image_size, channels), labels[folder]))
+    missing = sorted(set(range(len(classes))) - {label for _, label in samples})
+    if missing:
+        raise DataError(f"{src!r} has no images of {len(missing)} of the dataset's {len(classes)} classes: "
+                        f"{[classes[c] for c in missing[:10]]}")
     return samples
 
 
-def imagefolder_shard(src: str, dest_url: str, channels: int, image_size: int, num_classes: int) -> int:
+def imagefolder_shard(src: str, dest_url: str, channels: int, image_size: int, classes: list[str]) -> int:
     """Convert the ImageFolder at `src` into one WebDataset shard at `dest_url`; returns the count."""
-    samples = read_imagefolder(src, channels, image_size)
-    labels = {label for _, label in samples}
-    if len(labels) != num_classes:
-        raise ValueError(f"{src!r} has {len(labels)} class folders with images; the dataset has "
-                         f"{num_classes} classes")
+    samples = read_imagefolder(src, channels, image_size, classes)
     return write_shard(dest_url, [{"__key__": f"img-{i:06d}", "png": encode_png(image), "cls": label}
                                   for i, (image, label) in enumerate(samples)])

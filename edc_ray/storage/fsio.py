@@ -97,21 +97,35 @@ def read_range(url: str, start: int, end: int) -> bytes:
     return fs.cat_file(path, start=start, end=end)
 
 
+def _entry_type(path: str, entry: dict) -> str:
+    """An fsspec listing entry's type with local symbolic links followed ("file", "directory", ...).
+
+    A link whose target does not exist raises `FileNotFoundError` naming both: a dataset folder with a
+    dangling link is incomplete, and dropping the link silently would change the data."""
+    if not entry.get("islink"):
+        return entry["type"]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is a symbolic link to {entry.get('destination')!r}, which does not exist")
+    return "directory" if os.path.isdir(path) else "file" if os.path.isfile(path) else "other"
+
+
 def list_files(url_dir: str, pattern: str = "*") -> list[str]:
-    """URLs of the files directly inside ``url_dir`` whose names match the glob ``pattern``, sorted by name."""
+    """URLs of the files directly inside ``url_dir`` whose names match the glob ``pattern``, sorted by name
+    (local symbolic links followed)."""
     fs, path = _fs(url_dir)
     matches = fs.glob(f"{path.rstrip('/')}/{pattern}", detail=True)
-    names = [basename(p) for p, entry in matches.items() if entry["type"] == "file"]
+    names = [basename(p) for p, entry in matches.items() if _entry_type(p, entry) == "file"]
     return [join(url_dir, name) for name in sorted(names)]
 
 
 def list_dirs(url_dir: str) -> list[str]:
-    """Names of the folders directly inside ``url_dir``, sorted (empty when ``url_dir`` does not exist)."""
+    """Names of the folders directly inside ``url_dir``, sorted (empty when ``url_dir`` does not exist;
+    local symbolic links followed)."""
     fs, path = _fs(url_dir)
     if not fs.isdir(path):
         return []
     entries = fs.ls(path, detail=True)
-    return sorted(basename(e["name"]) for e in entries if e["type"] == "directory")
+    return sorted(basename(e["name"]) for e in entries if _entry_type(e["name"], e) == "directory")
 
 
 def open_file(url: str, compression: str | None = None) -> IO[bytes]:
@@ -188,6 +202,41 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
         if fs.exists(tmp):
             fs.rm_file(tmp)
         raise
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Create the file `url` holding `data` only if it does not exist; False if it does.
+
+    Local files are written to a temporary name and hard-linked to `url` (atomic, and fails if `url`
+    exists, so no reader sees it half-written); object stores get a conditional PUT (If-None-Match),
+    which servers without support for it treat as a plain PUT after the existence check, so callers
+    that need exclusivity there read the file back.
+    """
+    fs, path = _fs(url)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return True
+    if fs.exists(path):
+        return False
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as error:  # s3fs reports HTTP 412 (the object exists) as an OSError
+        if "precondition" in f"{error} {error.__cause__!r}".lower().replace("-", ""):
+            return False
+        raise
+    return True
 
 
 def atomic_write_json(url: str, obj: Any) -> None:

@@ -12,7 +12,9 @@
     <run>/candidates/_complete.json           marks the candidates complete (counts per class)
     <run>/distilled/unit-NNNNN.tar + _info.json
     <run>/baseline/random-ipcK/unit-NNNNN.tar + _info.json   the random real subset at the same IPC
-    <run>/eval/<name>/...                     Ray Train storage (checkpoints, metrics)
+    <run>/eval/<name>-<evaluation key>/...    Ray Train storage (checkpoints, metrics)
+    <run>/eval/<name>.json                    one evaluation's summary (per seed, then per set and student)
+    <run>/_lease.json                         the driver that holds the folder (storage/lease.py)
     <run>/report.json  report.md  preview.png
 
 Writers and readers of the per-class files go through the methods below, so what a worker reads is

@@ -265,12 +265,44 @@ def count_samples(url: str) -> int:
     return sum(1 for _ in _shard_samples(url))
 
 
-def decode_sample(sample: RawSample) -> tuple[str, torch.Tensor, int]:
-    """``(key, uint8 CxHxW image, label)`` of a raw sample; a bad sample raises :class:`ShardReadError` naming it."""
+@dataclass(frozen=True)
+class SampleSpec:
+    """What every sample of a dataset must be: its image's channels and size, and a label below `num_classes`."""
+
+    channels: int
+    image_size: int
+    num_classes: int
+
+    @classmethod
+    def of(cls, info: "DatasetInfo") -> "SampleSpec":
+        """The spec a prepared dataset's `_info.json` promises."""
+        return cls(info.channels, info.image_size, len(info.classes))
+
+
+def check_label(sample: RawSample, spec: SampleSpec | None) -> int:
+    """The sample's label; a missing, malformed or out-of-range one raises :class:`ShardReadError` naming it."""
     try:
-        return sample.key, decode_image(sample.fields[sample.image_field]), sample.label
-    except (KeyError, ValueError, OSError) as exn:
+        label = sample.label
+    except (KeyError, ValueError) as exn:
+        raise ShardReadError(sample.url, f"sample {sample.key!r}: label {exn!r}") from exn
+    if spec is not None and not 0 <= label < spec.num_classes:
+        raise ShardReadError(sample.url, f"sample {sample.key!r}: label {label} is outside 0..{spec.num_classes - 1}")
+    return label
+
+
+def decode_sample(sample: RawSample, spec: SampleSpec | None = None) -> tuple[str, torch.Tensor, int]:
+    """``(key, uint8 CxHxW image, label)`` of a raw sample, checked against ``spec`` when given; a bad sample
+    (undecodable, a decompression bomb, another size or channel count, a bad label) raises
+    :class:`ShardReadError` naming the shard and the sample."""
+    label = check_label(sample, spec)
+    try:
+        image = decode_image(sample.fields[sample.image_field])
+    except (KeyError, ValueError, OSError, Image.DecompressionBombError) as exn:
         raise ShardReadError(sample.url, f"sample {sample.key!r}: {exn!r}") from exn
+    if spec is not None and tuple(image.shape) != (spec.channels, spec.image_size, spec.image_size):
+        raise ShardReadError(sample.url, f"sample {sample.key!r}: image is {tuple(image.shape)} (CxHxW), the "
+                                         f"dataset's are {(spec.channels, spec.image_size, spec.image_size)}")
+    return sample.key, image, label
 
 
 def iter_samples(
@@ -278,24 +310,21 @@ def iter_samples(
     classes: Collection[int] | None = None,
     *,
     expected_counts: Mapping[str, int] | None = None,
+    spec: SampleSpec | None = None,
     nodesplitter: Splitter | None = None,
     workersplitter: Splitter | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, int]]:
     """Yield ``(key, uint8 CxHxW image, label)`` from the shards at ``urls``, in shard order.
 
-    :func:`iter_raw_samples` with the images decoded; ``classes`` keeps only those labels (skipped samples
-    are not decoded).
+    :func:`iter_raw_samples` with the images decoded (and checked against ``spec``); ``classes`` keeps
+    only those labels (skipped samples are not decoded).
     """
     wanted = None if classes is None else {int(c) for c in classes}
     for sample in iter_raw_samples(urls, expected_counts=expected_counts, nodesplitter=nodesplitter,
                                    workersplitter=workersplitter):
-        if wanted is not None:
-            try:
-                if sample.label not in wanted:
-                    continue
-            except (KeyError, ValueError) as exn:
-                raise ShardReadError(sample.url, f"sample {sample.key!r}: {exn!r}") from exn
-        yield decode_sample(sample)
+        if wanted is not None and check_label(sample, spec) not in wanted:
+            continue
+        yield decode_sample(sample, spec)
 
 
 def iter_split(
@@ -306,13 +335,13 @@ def iter_split(
     nodesplitter: Splitter | None = None,
     workersplitter: Splitter | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """:func:`iter_samples` over one split of the prepared dataset at ``root``, checking every shard's count."""
+    """:func:`iter_samples` over one split of the prepared dataset at ``root``, checking every shard's count
+    and every sample against `_info.json`."""
     info = read_info(root)
     urls = shard_urls(root, info, split)
     counts = dict(zip(urls, info.splits[split].shard_counts, strict=True))
-    yield from iter_samples(
-        urls, classes, expected_counts=counts, nodesplitter=nodesplitter, workersplitter=workersplitter
-    )
+    yield from iter_samples(urls, classes, expected_counts=counts, spec=SampleSpec.of(info),
+                            nodesplitter=nodesplitter, workersplitter=workersplitter)
 
 
 def load_split(

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from edc_ray.errors import DataError
 from edc_ray.storage import fsio
 
 Sample = tuple[str, np.ndarray, int]
@@ -162,14 +163,53 @@ CIFAR100 = CifarLayout(
 )
 
 
-def _unpickle(url: str) -> dict[str, Any]:
-    """A CIFAR pickle as a dict with ``str`` keys.
+# What a CIFAR batch pickle may refer to: numpy arrays (rebuilt by `_reconstruct` + ndarray state, by
+# `_frombuffer` under pickle protocol 5, with `_codecs.encode` for bytes written by Python 3). Anything
+# else could run code when loaded.
+_CIFAR_GLOBALS = {(f"numpy.{core}.{module}", name) for core in ("core", "_core")
+                  for module, name in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer"))} | {
+    ("numpy", "ndarray"), ("_codecs", "encode")}
+_CIFAR_DTYPES = {"u1", "i1", "i2", "i4", "i8", "u2", "u4", "u8"}  # images are u1; labels may be stored as ints
 
-    Unpickling is safe only for trusted files: these are the dataset's own published format. The originals
-    were written by Python 2, so ``encoding="bytes"`` is needed and gives ``bytes`` keys; files written by
-    Python 3 have ``str`` keys. Both are accepted.
+
+def _cifar_dtype(name: Any, *args: Any) -> np.dtype:
+    """`numpy.dtype` for a CIFAR pickle: integer types only (an object dtype would unpickle objects)."""
+    key = name.decode() if isinstance(name, bytes) else str(name)
+    if key.lstrip("<>|=") not in _CIFAR_DTYPES:
+        raise pickle.UnpicklingError(f"numpy dtype {key!r} is not one a CIFAR batch holds")
+    return np.dtype(key, *args)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that admits only builtin containers, bytes, str, numbers and integer numpy arrays."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("numpy", "dtype"):
+            return _cifar_dtype
+        if (module, name) in _CIFAR_GLOBALS:
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never holds")
+
+
+def _unpickle(url: str) -> dict[str, Any]:
+    """A CIFAR pickle as a dict with ``str`` keys, read with a restricted unpickler.
+
+    The CIFAR python format is a pickle, and a pickle can run code when loaded, so only what a CIFAR batch
+    holds is admitted (builtin containers, bytes, str, numbers, integer numpy arrays); anything else is
+    refused with a `DataError` naming the file, before any of it runs. The originals were written by
+    Python 2, so ``encoding="bytes"`` is needed and gives ``bytes`` keys; files written by Python 3 have
+    ``str`` keys. Both are accepted.
     """
-    data = pickle.loads(fsio.read_bytes(url), encoding="bytes")
+    import io
+
+    try:
+        data = _CifarUnpickler(io.BytesIO(fsio.read_bytes(url)), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+        raise DataError(f"{url}: not a CIFAR python pickle, refused ({err})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{url}: not a CIFAR python pickle (it holds a {type(data).__name__}, not a dict)")
     return {key.decode() if isinstance(key, bytes) else key: value for key, value in data.items()}
 
 
