@@ -7,6 +7,8 @@ import pickle
 import sys
 from typing import Callable, TypeVar
 
+from botocore.exceptions import BotoCoreError
+
 from edc_ray.config import Config, ConfigError, load_config
 from edc_ray.errors import DataError
 from edc_ray.models.external import PretrainedWeightsError
@@ -47,4 +49,6 @@ def run_job(work: Callable[[], T]) -> T | None:
         print(f"config error: {err}", file=sys.stderr)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+    except BotoCoreError as err:  # no S3 endpoint, no credentials: the environment, not the code
+        print(f"error: S3 is not reachable with this environment's AWS settings: {err}", file=sys.stderr)
     return None

@@ -103,12 +103,20 @@ def test_aws_installs_the_repo_with_the_pinned_set():
 
 def test_aws_keeps_token_auth_on_with_one_shared_token():
     config = load(AWS_YAML)
-    assert config["file_mounts"]["~/.ray"] == "~/.ray"  # holds auth_token, Ray's default token file
+    assert config["file_mounts"]["~/.edc-ray-token"] == "~/.edc-ray-token"  # the token only, not ~/.ray
+    assert not any(remote.startswith("~/.ray") for remote in config["file_mounts"])
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         starts = [c for c in commands if "ray start" in c]
-        assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+        assert starts and all("RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=~/.edc-ray-token/auth_token ray start" in c
+                              for c in starts)
     text = open(AWS_YAML).read()
     assert "RAY_AUTH_MODE=disabled" not in text
+
+
+def test_aws_opens_only_ssh_from_a_given_range_to_the_outside():
+    rules = load(AWS_YAML)["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"], r["IpProtocol"]) for r in rules] == [(22, 22, "tcp")]
+    assert [ip["CidrIp"] for ip in rules[0]["IpRanges"]] == ["YOUR-ADMIN-CIDR"]  # never 0.0.0.0/0
 
 
 def test_aws_placeholders_are_marked():

@@ -16,6 +16,7 @@ import types
 
 import numpy as np
 import pytest
+import s3fs
 from PIL import Image
 
 from edc_ray.config import Config, ConfigError, check_local_resources, load_config, run_dir_problem, valid_address
@@ -369,3 +370,37 @@ def test_the_condense_job_refuses_a_leased_run_folder_before_writing(tmp_path, c
     assert job("condense").main(args) == 2
     assert f"is in use by driver {socket.gethostname()}:{os.getpid()}" in capsys.readouterr().err
     assert sorted(p.name for p in run_dir.iterdir()) == ["_lease.json"]
+
+
+def test_the_token_file_is_made_private(tmp_path):
+    from edc_ray.pipeline.run import private_token_file
+
+    token = tmp_path / "auth_token"
+    token.write_text("secret")
+    token.chmod(0o644)
+    private_token_file(str(token))
+    assert token.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_unreachable_s3_endpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    for name, value in {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
+                        "AWS_SECRET_ACCESS_KEY": "y", "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses clients made under other AWS settings
+    try:
+        assert job("condense").main(["--set", "data.root=s3://nobucket/data",
+                                     "--set", f"output.run_dir={tmp_path / 'run'}"]) == 2
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # and later tests must not get this one
+    err = capsys.readouterr().err
+    assert "error: S3 is not reachable with this environment's AWS settings" in err and "Traceback" not in err
+
+
+def test_a_truncated_weights_file_is_named(tmp_path, capsys):
+    weights = tmp_path / "observer.pt"
+    weights.write_bytes(b"PK\x03\x04 truncated")
+    args = ["--set", f"data.root={tmp_path / 'digits'}", "--set", f"output.run_dir={tmp_path / 'run'}",
+            "--set", f"observers.models=[{{arch: convnet_d2, weights: {weights}}}]"]
+    assert job("condense").main(args) == 2
+    err = capsys.readouterr().err
+    assert "observer.pt" in err and "Traceback" not in err

@@ -184,7 +184,7 @@ def test_missing_weights_file_is_named(tmp_path):
 def test_shape_mismatch_names_model_and_path(tmp_path):
     path = str(tmp_path / "w32.pt")
     save_weights(build("convnet_w32"), path)
-    with pytest.raises(RuntimeError, match=r"(?s)w32\.pt do not fit model 'convnet_w64'.*size mismatch"):
+    with pytest.raises(ValueError, match=r"(?s)w32\.pt do not fit model 'convnet_w64'.*size mismatch"):
         load_weights(build("convnet_w64"), path)
 
 

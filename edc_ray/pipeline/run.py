@@ -63,7 +63,15 @@ def start_ray(cfg: Config) -> bool:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard)
     else:
         ray.init(address=cfg.ray.address)
+    private_token_file()
     return True
+
+
+def private_token_file(path: str = "~/.ray/auth_token") -> None:
+    """Make Ray's token file readable by its owner only (`ray.init` writes it with the umask, often 0644)."""
+    path = os.path.expanduser(path)
+    if os.path.isfile(path) and os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o600)
 
 
 class StageTimer:

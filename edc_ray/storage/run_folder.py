@@ -29,6 +29,7 @@ import torch
 
 from edc_ray.algo.candidates import Candidates
 from edc_ray.algo.stats import ClassStatSums, StatTotals
+from edc_ray.errors import DataError
 from edc_ray.storage import fsio
 from edc_ray.storage.candidates import read_candidates, write_candidates
 
@@ -58,7 +59,7 @@ def load_torch_bytes(data: bytes, where: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exn:  # a corrupt or malicious file: say which
-        raise ValueError(f"cannot load {where}: {exn}") from exn
+        raise DataError(f"cannot load {where}: {exn}") from exn
 
 
 class RunFolder:
