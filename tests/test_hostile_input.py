@@ -404,3 +404,27 @@ def test_a_truncated_weights_file_is_named(tmp_path, capsys):
     assert job("condense").main(args) == 2
     err = capsys.readouterr().err
     assert "observer.pt" in err and "Traceback" not in err
+
+
+def test_a_distilled_set_is_checked_when_a_student_loads_it(tmp_path):
+    from edc_ray.pipeline.evaluation import load_images
+    from edc_ray.storage.shards import SampleSpec
+
+    url = str(tmp_path / "unit-00000.tar")
+    write_shard(url, [_sample(0), _sample(1, label=1)])
+    images, labels = load_images([url], SampleSpec(1, 8, 2), expected=2)
+    assert images.shape == (2, 1, 8, 8) and labels.tolist() == [0, 1]
+    with pytest.raises(DataError, match=r"holds 2 images, 3 were written"):
+        load_images([url], SampleSpec(1, 8, 2), expected=3)
+    with pytest.raises(ShardReadError, match=r"sample 's001': label 1 is outside 0..0"):
+        load_images([url], SampleSpec(1, 8, 1))
+
+
+def test_a_non_image_in_an_imagefolder_source_is_named(tmp_path, capsys):
+    _imagefolder(tmp_path / "src" / "train", {"a": 1, "b": 1})
+    (tmp_path / "src" / "train" / "b" / "fake.png").write_bytes(b"this is text, not a PNG")
+    assert job("prepare").main(["--source", "imagefolder", "--src", str(tmp_path / "src"),
+                                "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "fake.png: not a readable image" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "_info.json").exists()

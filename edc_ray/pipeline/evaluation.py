@@ -19,17 +19,23 @@ import torch
 
 from edc_ray.algo.student import StudentTrainer, epoch_batches, to_device
 from edc_ray.config import Config, EvaluationConfig, from_dict, to_dict
+from edc_ray.errors import DataError
 from edc_ray.pipeline import metrics
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, build_model, model_from_payload, set_threads
 from edc_ray.pipeline.distributed import fit_torch_trainer, rank_and_world, rank_share
 from edc_ray.pipeline.observers import validation_accuracy
 from edc_ray.storage.run_folder import RunFolder, load_torch_bytes
-from edc_ray.storage.shards import iter_samples
+from edc_ray.storage.shards import SampleSpec, iter_samples
 
 
-def load_images(urls: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images and labels of a few shards (a distilled set is small)."""
-    samples = list(iter_samples(urls))
+def load_images(urls: list[str], spec: SampleSpec | None = None, expected: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images and labels of a few shards (a distilled set is small), each sample checked against
+    `spec` and the total against `expected` (a shard lost or cut short names the set)."""
+    samples = list(iter_samples(urls, spec=spec))
+    if expected is not None and len(samples) != expected:
+        raise DataError(f"the set of {len(urls)} shard(s) from {urls[0] if urls else '?'} holds {len(samples)} "
+                        f"images, {expected} were written")
     return torch.stack([s[1] for s in samples]), torch.tensor([s[2] for s in samples])
 
 
@@ -91,7 +97,8 @@ def train_student_loop(config: dict) -> None:
     ecfg = from_dict(EvaluationConfig, config["evaluation"])
     meta = DatasetMeta(**config["meta"])
     seed = config["seed"]
-    images, labels = load_images(config["train_urls"])
+    spec = SampleSpec(meta.channels, meta.image_size, meta.num_classes)
+    images, labels = load_images(config["train_urls"], spec, config["images"])
     images = to_device(images, device)  # once: every batch is then cut and augmented on the device
     teachers = [model_from_payload(ray.get(ref), meta, device) for ref in config["teacher_refs"]]
     steps = math.ceil(len(images) / ecfg.batch_size)
@@ -172,7 +179,7 @@ def fit_seed(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: Observer
     config = {"evaluation": to_dict(cfg.evaluation), "meta": meta.__dict__, "train_urls": list(target.urls),
               "data_root": cfg.data.root, "val_split": cfg.data.val_split, "seed": seed,
               "teacher_refs": list(observers.subset(cfg.evaluation.teachers).refs), "student": student,
-              "cpus": cfg.ray.train_worker_cpus, "label": run_name(target.label, student)}
+              "cpus": cfg.ray.train_worker_cpus, "label": run_name(target.label, student), "images": target.images}
     result = fit_torch_trainer(train_student_loop, config, f"{name}-{key}", run.path("eval"),
                                cfg.ray.train_workers, cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus, max_failures=2)
     summary = {"seed": seed, "final_top1": result.metrics["top1"], "best_top1": result.metrics["best_top1"],

@@ -254,15 +254,22 @@ def open_cifar100(src: str | None) -> Source:
 
 
 def read_image(url: str, mode: str) -> np.ndarray:
-    """An image file as a uint8 array in PIL ``mode`` ("L" -> HxW, "RGB" -> HxWx3)."""
-    with fsio.open_file(url) as f, Image.open(f) as image:
-        return np.asarray(image.convert(mode), dtype=np.uint8)
+    """An image file as a uint8 array in PIL ``mode`` ("L" -> HxW, "RGB" -> HxWx3); a file that is not an
+    image (or is a decompression bomb) raises `DataError` naming it."""
+    try:
+        with fsio.open_file(url) as f, Image.open(f) as image:
+            return np.asarray(image.convert(mode), dtype=np.uint8)
+    except (Image.UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
+        raise DataError(f"{url}: not a readable image ({type(err).__name__}: {err})") from None
 
 
 def _is_gray(url: str) -> bool:
     """Whether the image file at ``url`` is grayscale (reads the header only)."""
-    with fsio.open_file(url) as f, Image.open(f) as image:
-        return image.mode in GRAY_MODES
+    try:
+        with fsio.open_file(url) as f, Image.open(f) as image:
+            return image.mode in GRAY_MODES
+    except (Image.UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise DataError(f"{url}: not a readable image ({type(err).__name__}: {err})") from None
 
 
 def class_files(root: str, classes: list[str]) -> list[tuple[str, int]]:
