@@ -34,11 +34,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_arguments(args: argparse.Namespace) -> Config | None:
     """The validated config, or None after printing the error (the job then exits with status 2)."""
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return None
+    return run_job(lambda: load_config(args.config, args.overrides))
 
 
 def run_job(work: Callable[[], T]) -> T | None:

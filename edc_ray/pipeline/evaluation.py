@@ -221,9 +221,9 @@ def evaluate_sets(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: Obs
     import ray
 
     fit = ray.remote(num_cpus=0)(fit_seed)
-    jobs = [(target, student, seed) for student in cfg.evaluation.students for target in targets
-            for seed in cfg.evaluation.seeds
-            if _current_summary(run, run_name(target.label, student), cfg.evaluation) is None]
+    stale = [(target, student) for student in cfg.evaluation.students for target in targets
+             if _current_summary(run, run_name(target.label, student), cfg.evaluation) is None]
+    jobs = [(target, student, seed) for target, student in stale for seed in cfg.evaluation.seeds]
     pending, limit = list(jobs), concurrent_runs(cfg)
     in_flight: list = []
     while pending or in_flight:
@@ -235,7 +235,7 @@ def evaluate_sets(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: Obs
     for student in cfg.evaluation.students:
         for target in targets:
             name = run_name(target.label, student)
-            if _current_summary(run, name, cfg.evaluation) is None:
+            if (target, student) in stale:
                 per_seed = [run.read_json("eval", f"{name}-seed{seed}.json") for seed in cfg.evaluation.seeds]
                 finals = torch.tensor([r["final_top1"] for r in per_seed], dtype=torch.float64)
                 bests = torch.tensor([r["best_top1"] for r in per_seed], dtype=torch.float64)

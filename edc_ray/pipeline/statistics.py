@@ -108,8 +108,10 @@ class TaskSamples(IterableDataset):
 
     def __iter__(self):
         for raw in iter_raw_samples(self.urls, expected_counts=self.counts, workersplitter=wds.split_by_worker):
-            label = check_label(raw, self.spec)
-            image = decode_sample(raw, self.spec)[1] if self.decode else None
+            if self.decode:
+                _, image, label = decode_sample(raw, self.spec)
+            else:
+                image, label = None, check_label(raw, self.spec)
             yield (raw.key, label, sample_priority(raw.key, self.seed), raw.fields[raw.image_field],
                    raw_source(raw), image)
 

@@ -11,13 +11,14 @@ with our protocol.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import numpy as np
 
 from edc_ray.errors import DataError
 from edc_ray.storage import fsio
 from edc_ray.storage.shards import encode_png, iter_raw_samples, write_shard
-from edc_ray.storage.sources import CHANNEL_MODES, IMAGE_EXTENSIONS, read_image
+from edc_ray.storage.sources import CHANNEL_MODES, class_files, read_image
 
 
 def safe_name(name: str) -> str:
@@ -54,7 +55,7 @@ def folder_labels(folders: list[str], classes: list[str], src: str) -> dict[str,
         raise DataError(f"{src!r}: class folders {unknown[:10]} are not classes of the dataset; name each folder "
                         f"after its class (e.g. {classes[:3]}), or <index>-<class> as the export does")
     labels = {f: names[f] for f in folders}
-    twice = sorted({classes[v] for v in labels.values() if list(labels.values()).count(v) > 1})
+    twice = sorted(classes[v] for v, n in Counter(labels.values()).items() if n > 1)
     if twice:
         raise DataError(f"{src!r}: more than one folder names class(es) {twice[:10]}")
     return labels
@@ -72,15 +73,12 @@ def read_imagefolder(src: str, channels: int, image_size: int, classes: list[str
         raise DataError(f"{src!r} has no class folders; expected <src>/<class>/<image>.png")
     labels = folder_labels(folders, classes, src)
     samples = []
-    for folder in folders:
-        for url in fsio.list_files(fsio.join(src, folder)):
-            if not url.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            array = read_image(url, CHANNEL_MODES[channels])
-            if array.shape[:2] != (image_size, image_size):
-                raise DataError(f"{url}: image is {array.shape[1]}x{array.shape[0]}, the dataset's are "
-                                f"{image_size}x{image_size}")
-            samples.append((array.reshape(image_size, image_size, channels), labels[folder]))
+    for url, folder in class_files(src, folders):
+        array = read_image(url, CHANNEL_MODES[channels])
+        if array.shape[:2] != (image_size, image_size):
+            raise DataError(f"{url}: image is {array.shape[1]}x{array.shape[0]}, the dataset's are "
+                            f"{image_size}x{image_size}")
+        samples.append((array.reshape(image_size, image_size, channels), labels[folders[folder]]))
     missing = sorted(set(range(len(classes))) - {label for _, label in samples})
     if missing:
         raise DataError(f"{src!r} has no images of {len(missing)} of the dataset's {len(classes)} classes: "

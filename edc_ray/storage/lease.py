@@ -82,7 +82,7 @@ class RunLease:
         self.record.taken = self.record.renewed = time.time()
         if not fsio.create_exclusive(self.url, self._payload()):
             current = _read(self.url)
-            if current is not None and not self._may_take_over(current, break_lease):
+            if current is not None and not (break_lease or current.alive_here() is False):
                 age = time.time() - current.renewed
                 stale = f", which looks stale (no renewal for over {STALE_S:.0f} s)" if age > STALE_S else ""
                 raise RunFolderBusy(
@@ -99,10 +99,6 @@ class RunLease:
                                 "output.run_dir or wait for it to finish")
         self._thread = threading.Thread(target=self._renew, name="run-lease", daemon=True)
         self._thread.start()
-
-    @staticmethod
-    def _may_take_over(current: LeaseRecord, break_lease: bool) -> bool:
-        return break_lease or current.alive_here() is False
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_S):

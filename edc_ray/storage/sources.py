@@ -253,23 +253,24 @@ def open_cifar100(src: str | None) -> Source:
     return _open_cifar(CIFAR100, src)
 
 
-def read_image(url: str, mode: str) -> np.ndarray:
-    """An image file as a uint8 array in PIL ``mode`` ("L" -> HxW, "RGB" -> HxWx3); a file that is not an
-    image (or is a decompression bomb) raises `DataError` naming it."""
+def _with_image(url: str, read: Callable[[Image.Image], Any]) -> Any:
+    """`read(image)` of the image file at ``url``; a file that is not an image (or is a decompression
+    bomb) raises `DataError` naming it."""
     try:
         with fsio.open_file(url) as f, Image.open(f) as image:
-            return np.asarray(image.convert(mode), dtype=np.uint8)
+            return read(image)
     except (Image.UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
         raise DataError(f"{url}: not a readable image ({type(err).__name__}: {err})") from None
 
 
+def read_image(url: str, mode: str) -> np.ndarray:
+    """An image file as a uint8 array in PIL ``mode`` ("L" -> HxW, "RGB" -> HxWx3)."""
+    return _with_image(url, lambda image: np.asarray(image.convert(mode), dtype=np.uint8))
+
+
 def _is_gray(url: str) -> bool:
     """Whether the image file at ``url`` is grayscale (reads the header only)."""
-    try:
-        with fsio.open_file(url) as f, Image.open(f) as image:
-            return image.mode in GRAY_MODES
-    except (Image.UnidentifiedImageError, SyntaxError, ValueError) as err:
-        raise DataError(f"{url}: not a readable image ({type(err).__name__}: {err})") from None
+    return _with_image(url, lambda image: image.mode in GRAY_MODES)
 
 
 def class_files(root: str, classes: list[str]) -> list[tuple[str, int]]:
