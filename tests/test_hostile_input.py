@@ -16,7 +16,6 @@ import types
 
 import numpy as np
 import pytest
-import s3fs
 from PIL import Image
 
 from edc_ray.config import Config, ConfigError, check_local_resources, load_config, run_dir_problem, valid_address
@@ -386,14 +385,24 @@ def test_an_unreachable_s3_endpoint_is_one_line(tmp_path, capsys, monkeypatch):
     for name, value in {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
                         "AWS_SECRET_ACCESS_KEY": "y", "AWS_MAX_ATTEMPTS": "1"}.items():
         monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses clients made under other AWS settings
-    try:
-        assert job("condense").main(["--set", "data.root=s3://nobucket/data",
-                                     "--set", f"output.run_dir={tmp_path / 'run'}"]) == 2
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()  # and later tests must not get this one
+    assert job("condense").main(["--set", "data.root=s3://nobucket/data",
+                                 "--set", f"output.run_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert "error: S3 is not reachable with this environment's AWS settings" in err and "Traceback" not in err
+
+
+def test_s3_forbidden_is_one_line_and_a_new_environment_gets_a_new_client(s3_server, tmp_path, capsys, monkeypatch):
+    prefix = s3_server.url("forbidden")
+    fsio.atomic_write_bytes(fsio.join(prefix, "probe"), b"x")  # the right credentials work ...
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")  # ... and, in the same process, wrong ones don't
+    with pytest.raises(PermissionError):
+        fsio.read_bytes(fsio.join(prefix, "probe"))
+    assert job("condense").main(["--set", f"data.root={prefix}/data",
+                                 "--set", f"output.run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"{prefix}/data" in err and "AWS credentials" in err and err.count("\n") == 1 and "Traceback" not in err
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    assert fsio.read_bytes(fsio.join(prefix, "probe")) == b"x"
 
 
 def test_a_truncated_weights_file_is_named(tmp_path, capsys):
@@ -428,3 +437,16 @@ def test_a_non_image_in_an_imagefolder_source_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "fake.png: not a readable image" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "_info.json").exists()
+
+
+def test_an_export_of_a_distilled_set_cut_short_is_refused(ray_local, tmp_path):
+    from edc_ray.pipeline.run import export_stage
+    from edc_ray.pipeline.synthesis import SynthesisResult
+
+    run = RunFolder(str(tmp_path / "run"))
+    write_shard(run.unit_shard(0), [_sample(0), _sample(1, label=1)])
+    session = types.SimpleNamespace(run=run, cfg=Config(), info=types.SimpleNamespace(classes=["a", "b"]))
+    cut_short = SynthesisResult(run.path("distilled"), (run.unit_shard(0),), units_total=1, images=3)
+    with pytest.raises(DataError, match=r"holds 2 images, synthesis wrote 3"):
+        export_stage(session, cut_short)
+    assert not run.exists("export", "teachers.json")  # not marked complete

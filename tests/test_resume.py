@@ -216,11 +216,11 @@ def recording_loop(record: str, config: dict) -> None:
         evaluation._latest_state = original
 
 
-def checkpoint_epochs(storage: Path) -> list[int]:
-    """Epochs of the complete checkpoints (both ranks' files present) under Ray Train's storage folder."""
+def checkpoint_epochs(storage: Path, ranks: int = 2) -> list[int]:
+    """Epochs of the complete checkpoints (every rank's file present) under Ray Train's storage folder."""
     epochs = []
     for folder in storage.glob("checkpoint_*"):
-        if (folder / "rank0.pt").exists() and (folder / "rank1.pt").exists():
+        if all((folder / f"rank{rank}.pt").exists() for rank in range(ranks)):
             try:
                 epochs.append(torch.load(folder / "rank0.pt", weights_only=True)["epoch"])
             except Exception:  # still being written
@@ -241,10 +241,11 @@ def train_workers() -> list[int]:
     return living(workers)
 
 
-def test_evaluation_resumes_from_last_checkpoint_after_worker_dies(ray_local, tiny_imagefolder, tmp_path,
-                                                                   monkeypatch):
+def evaluation_setup(imagefolder: str, tmp_path: Path, epochs: int, eval_every: int, workers: int
+                     ) -> tuple[Config, RunFolder, ObserverSet, EvalSet]:
+    """A tiny prepared dataset, a 6-image distilled set, one untrained teacher and an evaluation config."""
     data_root = str(tmp_path / "data")
-    prepare_dataset("imagefolder", tiny_imagefolder, data_root, shard_size=25)
+    prepare_dataset("imagefolder", imagefolder, data_root, shard_size=25)
     assert read_info(data_root).splits["test"].shard_counts == [25, 5]
     images, labels = make_tiny(per_class=2, seed=3)
     run = RunFolder(str(tmp_path / "run"))
@@ -253,13 +254,18 @@ def test_evaluation_resumes_from_last_checkpoint_after_worker_dies(ray_local, ti
     torch.manual_seed(0)
     teacher = ObserverSet(("0-convnet_d2",), ("convnet_d2",),
                           (ray.put(observer_payload("convnet_d2", build_model("convnet_d2", META))),))
-
     cfg = Config()
     cfg.observers.models = [ObserverSpec("convnet_d2")]
     cfg.data.root, cfg.data.val_split = data_root, "test"
-    cfg.evaluation = EvaluationConfig(students=["convnet_d2"], epochs=60, batch_size=2, eval_every=10,
+    cfg.evaluation = EvaluationConfig(students=["convnet_d2"], epochs=epochs, batch_size=2, eval_every=eval_every,
                                       val_batch_size=16, seeds=[0])
-    cfg.ray.train_workers, cfg.ray.train_worker_cpus = 2, 0.5
+    cfg.ray.train_workers, cfg.ray.train_worker_cpus = workers, 0.5
+    return cfg, run, teacher, EvalSet("distilled", (distilled,), len(images))
+
+
+def test_evaluation_resumes_from_last_checkpoint_after_worker_dies(ray_local, tiny_imagefolder, tmp_path,
+                                                                   monkeypatch):
+    cfg, run, teacher, target = evaluation_setup(tiny_imagefolder, tmp_path, epochs=60, eval_every=10, workers=2)
     record = tmp_path / "starts.jsonl"
     monkeypatch.setattr(evaluation, "train_student_loop", functools.partial(recording_loop, str(record)))
 
@@ -267,8 +273,7 @@ def test_evaluation_resumes_from_last_checkpoint_after_worker_dies(ray_local, ti
 
     def evaluate() -> None:
         try:
-            outcome["summary"] = fit_seed(cfg, run, META, teacher, EvalSet("distilled", (distilled,), len(images)),
-                                          "convnet_d2", 0)
+            outcome["summary"] = fit_seed(cfg, run, META, teacher, target, "convnet_d2", 0)
         except BaseException as exn:  # noqa: BLE001 (reported by the assertion below)
             outcome["error"] = exn
 
@@ -302,3 +307,36 @@ def test_evaluation_resumes_from_last_checkpoint_after_worker_dies(ray_local, ti
     assert summary["seed"] == 0 and run.read_json("eval", "distilled-convnet_d2-seed0.json") == summary
     assert 0.0 <= summary["final_top1"] <= summary["best_top1"] <= 100.0
     assert checkpoint_epochs(storage)[-1] == 60
+
+
+def test_an_interrupted_evaluation_rerun_under_other_settings_starts_afresh(ray_local, tiny_imagefolder, tmp_path,
+                                                                          monkeypatch):
+    """Issue 16: Ctrl-C leaves Ray Train checkpoints but no eval/<run>.json. A re-run with other
+    evaluation settings must train from scratch (it once restored the old run and cached NaN); a re-run
+    with the same settings resumes from the checkpoint."""
+    cfg, run, teacher, target = evaluation_setup(tiny_imagefolder, tmp_path, epochs=4, eval_every=2, workers=1)
+    record = tmp_path / "starts.jsonl"
+    monkeypatch.setattr(evaluation, "train_student_loop", functools.partial(recording_loop, str(record)))
+    summary_name = "distilled-convnet_d2-seed0.json"
+
+    def starts() -> list:
+        return [json.loads(line)["epoch"] for line in record.read_text().splitlines()]
+
+    first_key = evaluation.evaluation_key(cfg.evaluation)
+    fit_seed(cfg, run, META, teacher, target, "convnet_d2", 0)
+    old_storage = Path(run.path("eval", f"distilled-convnet_d2-seed0-{first_key}"))
+    assert checkpoint_epochs(old_storage, ranks=1) == [2, 4]
+    Path(run.path("eval", summary_name)).unlink()  # what an interrupted run leaves: checkpoints, no summary
+
+    cfg.evaluation.epochs = 2
+    summary = fit_seed(cfg, run, META, teacher, target, "convnet_d2", 0)
+    assert starts() == [None, None]  # the old run's checkpoint was not restored
+    new_key = evaluation.evaluation_key(cfg.evaluation)
+    assert new_key != first_key and summary["evaluation_key"] == new_key
+    assert 0.0 <= summary["final_top1"] <= summary["best_top1"] <= 100.0
+    assert checkpoint_epochs(Path(run.path("eval", f"distilled-convnet_d2-seed0-{new_key}")), ranks=1) == [2]
+    assert run.read_json("eval", summary_name) == summary
+
+    cfg.evaluation.epochs = 4  # back to the first settings: the summary on disk is not theirs, the checkpoint is
+    again = fit_seed(cfg, run, META, teacher, target, "convnet_d2", 0)
+    assert starts() == [None, None, 4] and again["evaluation_key"] == first_key

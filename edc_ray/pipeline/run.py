@@ -16,6 +16,7 @@ import ray
 
 from edc_ray.config import (Config, ConfigError, changed_keys, check_local_resources, dump_config, from_dict,
                             parse_yaml, to_dict)
+from edc_ray.errors import DataError
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, observer_payload
 from edc_ray.pipeline.evaluation import EvalSet, evaluate_sets, load_images
 from edc_ray.pipeline.observers import observer_names, observers_stage
@@ -208,7 +209,11 @@ def export_stage(s: Session, distilled: SynthesisResult) -> str:
         urls = list(distilled.urls)
         chunks = [urls[i:i + EXPORT_UNITS_PER_TASK] for i in range(0, len(urls), EXPORT_UNITS_PER_TASK)]
         task = _export_task.options(num_cpus=min(1.0, s.cfg.ray.actor_cpus or 1.0))
-        ray.get([task.remote(chunk, s.info.classes, s.run.path("export", "images")) for chunk in chunks])
+        written = sum(ray.get([task.remote(chunk, s.info.classes, s.run.path("export", "images"))
+                               for chunk in chunks]))
+        if written != distilled.images:  # a unit shard lost or cut short since synthesis
+            raise DataError(f"{distilled.folder} holds {written} images, synthesis wrote {distilled.images}; "
+                            f"nothing was marked exported")
         s.run.write_json(teacher_spec(s), "export", "teachers.json")
     return s.run.path("export")
 

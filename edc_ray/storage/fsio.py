@@ -6,11 +6,14 @@ object-store semantics (no real directories, atomic single PUTs) are handled in 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
 import time
 import uuid
-from typing import IO, TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -20,24 +23,40 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
 S3_PROTOCOLS = ("s3", "s3a")
+T = TypeVar("T")
 
 
-def _storage_options(url: str) -> dict[str, Any]:
-    """fsspec options for ``url``: S3 listings are never cached.
+# The environment a botocore client is built from: a change of any of these gets a new client.
+AWS_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS",
+                "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+_s3_clients: dict[tuple, AbstractFileSystem] = {}
+
+
+def _s3_filesystem() -> AbstractFileSystem:
+    """The S3 filesystem for this process, thread and AWS environment; S3 listings are never cached.
 
     s3fs caches directory listings per process and answers ``exists``/``info``/``open`` from them, so a
     driver that once listed ``<run>/distilled`` would not see the shards Ray workers wrote there since.
-    Endpoint and credentials are deliberately absent: botocore reads them from the standard AWS chain
+    Endpoint and credentials are deliberately not passed: botocore reads them from the standard AWS chain
     (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``~/.aws``, instance roles), in every process alike, and
-    nothing secret ends up in a pickled filesystem.
+    nothing secret ends up in a pickled filesystem. fsspec's own instance cache ignores that environment
+    (a client made before ``AWS_ENDPOINT_URL`` changed would be reused), so clients are cached here by it.
     """
-    protocol, _ = fsspec.core.split_protocol(url)
-    return {"use_listings_cache": False} if protocol in S3_PROTOCOLS else {}
+    key = (os.getpid(), threading.get_ident(), *(os.environ.get(name) for name in AWS_SETTINGS))
+    fs = _s3_clients.get(key)
+    if fs is None:
+        fs = _s3_clients[key] = fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True)
+    return fs
 
 
 def _fs(url: str) -> tuple[AbstractFileSystem, str]:
     """The filesystem for ``url`` and the path inside it."""
-    return fsspec.core.url_to_fs(url, **_storage_options(url))
+    protocol, _ = fsspec.core.split_protocol(url)
+    if protocol in S3_PROTOCOLS:
+        fs = _s3_filesystem()
+        return fs, fs._strip_protocol(url)
+    return fsspec.core.url_to_fs(url)
 
 
 def join(root: str, *parts: str) -> str:
@@ -74,12 +93,29 @@ def basename(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 
+def _names_url(operation: Callable[..., T]) -> Callable[..., T]:
+    """`operation(url, ...)` with an S3 refusal (s3fs raises a bare ``PermissionError("Forbidden")``)
+    turned into one that names the URL and the likely cause."""
+    @functools.wraps(operation)
+    def named(url: str, *args: Any, **kwargs: Any) -> T:
+        try:
+            return operation(url, *args, **kwargs)
+        except PermissionError as error:
+            if error.filename is not None:  # a local file's error names it already
+                raise
+            raise PermissionError(f"{url}: {error}; the AWS credentials of this environment may not use it "
+                                  f"(AWS_ACCESS_KEY_ID / AWS_PROFILE / the instance role)") from error
+    return named
+
+
+@_names_url
 def exists(url: str) -> bool:
     """Whether a file or folder exists at ``url``."""
     fs, path = _fs(url)
     return fs.exists(path)
 
 
+@_names_url
 def read_bytes(url: str) -> bytes:
     """The whole content of the file at ``url``."""
     fs, path = _fs(url)
@@ -91,6 +127,7 @@ def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
 
 
+@_names_url
 def read_range(url: str, start: int, end: int) -> bytes:
     """Bytes ``start`` up to ``end`` (exclusive) of the file at ``url`` (one ranged GET on an object store)."""
     fs, path = _fs(url)
@@ -109,6 +146,7 @@ def _entry_type(path: str, entry: dict) -> str:
     return "directory" if os.path.isdir(path) else "file" if os.path.isfile(path) else "other"
 
 
+@_names_url
 def list_files(url_dir: str, pattern: str = "*") -> list[str]:
     """URLs of the files directly inside ``url_dir`` whose names match the glob ``pattern``, sorted by name
     (local symbolic links followed)."""
@@ -118,6 +156,7 @@ def list_files(url_dir: str, pattern: str = "*") -> list[str]:
     return [join(url_dir, name) for name in sorted(names)]
 
 
+@_names_url
 def list_dirs(url_dir: str) -> list[str]:
     """Names of the folders directly inside ``url_dir``, sorted (empty when ``url_dir`` does not exist;
     local symbolic links followed)."""
@@ -128,6 +167,7 @@ def list_dirs(url_dir: str) -> list[str]:
     return sorted(basename(e["name"]) for e in entries if _entry_type(e["name"], e) == "directory")
 
 
+@_names_url
 def open_file(url: str, compression: str | None = None) -> IO[bytes]:
     """Open ``url`` for reading (use as a context manager); ``compression="gzip"`` decompresses on the fly.
 
@@ -138,6 +178,7 @@ def open_file(url: str, compression: str | None = None) -> IO[bytes]:
     return fs.open(path, "rb", compression=compression)
 
 
+@_names_url
 def remove(url: str) -> None:
     """Delete the file at ``url`` if it exists."""
     fs, path = _fs(url)
@@ -145,6 +186,7 @@ def remove(url: str) -> None:
         fs.rm_file(path)
 
 
+@_names_url
 def remove_tree(url: str) -> None:
     """Delete the folder at ``url`` and everything below it, if it exists."""
     fs, path = _fs(url)
@@ -181,6 +223,7 @@ def _with_retries(put, url: str) -> None:
             time.sleep(wait)
 
 
+@_names_url
 def atomic_write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` to ``url`` so that no reader ever sees a half-written file under that name.
 
@@ -204,6 +247,7 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
         raise
 
 
+@_names_url
 def create_exclusive(url: str, data: bytes) -> bool:
     """Create the file `url` holding `data` only if it does not exist; False if it does.
 
