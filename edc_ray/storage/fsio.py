@@ -34,7 +34,8 @@ _s3_clients: dict[tuple, AbstractFileSystem] = {}
 
 
 def _s3_filesystem() -> AbstractFileSystem:
-    """The S3 filesystem for this process, thread and AWS environment; S3 listings are never cached.
+    """The S3 filesystem for this process, thread (as fsspec keys its own cache) and AWS environment;
+    S3 listings are never cached.
 
     s3fs caches directory listings per process and answers ``exists``/``info``/``open`` from them, so a
     driver that once listed ``<run>/distilled`` would not see the shards Ray workers wrote there since.
@@ -101,7 +102,7 @@ def _names_url(operation: Callable[..., T]) -> Callable[..., T]:
         try:
             return operation(url, *args, **kwargs)
         except PermissionError as error:
-            if error.filename is not None:  # a local file's error names it already
+            if fsspec.core.split_protocol(url)[0] not in S3_PROTOCOLS:  # a local error names its file already
                 raise
             raise PermissionError(f"{url}: {error}; the AWS credentials of this environment may not use it "
                                   f"(AWS_ACCESS_KEY_ID / AWS_PROFILE / the instance role)") from error
