@@ -10,14 +10,14 @@ from typing import Callable, TypeVar
 from botocore.exceptions import BotoCoreError
 
 from edc_ray.config import Config, ConfigError, load_config
-from edc_ray.errors import DataError
+from edc_ray.errors import ClusterError, DataError
 from edc_ray.models.external import PretrainedWeightsError
 from edc_ray.storage.lease import RunFolderBusy
 from edc_ray.storage.shards import ShardReadError
 
 T = TypeVar("T")
 # Wrong input, not a bug: printed as one line (no traceback) and the job exits 2.
-USER_ERRORS = (ConfigError, DataError, RunFolderBusy, ShardReadError, PretrainedWeightsError,
+USER_ERRORS = (ConfigError, DataError, ClusterError, RunFolderBusy, ShardReadError, PretrainedWeightsError,
                pickle.UnpicklingError, FileNotFoundError, PermissionError)
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")

@@ -193,6 +193,12 @@ class RayConfig:
     stats_cpus: float = 1.0  # per statistics (and merge) task
     stats_gpus: float = 0.0  # per statistics (and merge) task; fractional allowed
     dashboard: bool = True  # start the dashboard with a local instance (Ray Train's state API needs it)
+    # How long a stage waits for the cluster to offer the resources it asks for (nodes to start, the
+    # autoscaler to add them) before it fails naming what it asked for and what the cluster has.
+    placement_timeout_s: float = 600.0
+    # Local folders every node mounts at the same path (NFS, EFS, FSx): data.root, output.run_dir and
+    # weights files under them are allowed on a multi-node cluster (other local paths are refused there).
+    shared_paths: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -419,6 +425,14 @@ def changed_keys(previous: Config, current: Config) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in inert)
 
 
+def settings_key(settings: dict) -> str:
+    """A short, stable hash of plain `settings` (names storage made under exactly these settings)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML text (written into the run folder)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -513,6 +527,10 @@ def validate(cfg: Config) -> None:
     _check(all(m >= 1 for m in e.milestones) and list(e.milestones) == sorted(set(e.milestones)),
            "evaluation.milestones", e.milestones, "must be increasing epochs >= 1")
     _check(r.num_cpus is None or r.num_cpus >= 1, "ray.num_cpus", r.num_cpus, "must be >= 1 or null (all cores)")
+    _check(r.placement_timeout_s > 0, "ray.placement_timeout_s", r.placement_timeout_s, "must be > 0 (seconds)")
+    for k, path in enumerate(r.shared_paths):
+        _check(path.startswith(("/", "~")), f"ray.shared_paths[{k}]", path,
+               "give an absolute local folder (a mount every node has at that path)")
     _check(r.train_worker_cpus >= 0, "ray.train_worker_cpus", r.train_worker_cpus, "must be >= 0")
     _check(valid_address(r.address), "ray.address", r.address,
            "use 'local' (a private instance), 'auto' (the cluster this machine is in), host:port or "

@@ -1,15 +1,22 @@
-"""Shared test setup: single-threaded torch, and a real S3 server (SeaweedFS) for tests that ask for one."""
+"""Shared test setup: single-threaded torch, the test helpers shipped to Ray workers by value, and a real
+S3 server (SeaweedFS) for tests that ask for one."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
 import ray
+import ray.cloudpickle
 import torch
 from PIL import Image
 
+import tiny
 from edc_ray.storage.local_s3 import SeaweedS3, environ
 from tiny import make_tiny
+
+# Ray workers cannot import this folder's modules (it is on the driver's path only): functions of
+# `tiny` handed to them (e.g. `recording_loop`) travel by value.
+ray.cloudpickle.register_pickle_by_value(tiny)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,71 +1,47 @@
 """Fault tolerance of the synthesis stage, resume, metrics, and untrusted weights files."""
 import os
 import pickle
-import socket
+import shutil
 import threading
 import time
 import urllib.request
 
 import pytest
 import ray
-import torch
 
-from edc_ray.algo.candidates import Candidates
-from edc_ray.algo.condense import accumulate_statistics
-from edc_ray.config import Config, ObserverSpec, StatisticsConfig
-from edc_ray.pipeline.common import DatasetMeta, ObserverSet, build_model, observer_payload
+from edc_ray.config import ObserverSpec
+from edc_ray.pipeline.common import DatasetMeta
 from edc_ray.pipeline.observers import observers_stage
-from edc_ray.pipeline.statistics import save_statistics
 from edc_ray.pipeline.synthesis import synthesis_stage
 from edc_ray.storage.run_folder import RunFolder
-from tiny import MEAN, STD, make_tiny
+from tiny import MEAN, STD, free_ports, synthesis_config, synthesis_inputs
 
 pytestmark = pytest.mark.slow
 META = DatasetMeta(4, 1, 12, tuple(MEAN), tuple(STD))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def metrics_port():
-    port = free_port()
+    port, = free_ports(1)
     ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=port)
     yield port
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def shared(metrics_port):
-    """The observer of a 4-class tiny set in the object store, and its statistic sums and candidates."""
-    images, labels = make_tiny(num_classes=4, per_class=8)
-    torch.manual_seed(0)
-    model = build_model("convnet_d2", META).eval()  # untrained: the stage's mechanics do not care
-    sums = accumulate_statistics(model, [(images, labels)], 4, StatisticsConfig(patch_size=4), MEAN, STD)
-    cands = Candidates([str(i) for i in range(len(images))], labels, torch.rand(len(images), dtype=torch.float64),
-                       torch.rand(len(images)), list(images))
-    return ObserverSet(("0-convnet_d2",), ("convnet_d2",), (ray.put(observer_payload("convnet_d2", model)),)), \
-        sums, cands
+def shared(metrics_port, tmp_path_factory):
+    """The observer of a 4-class tiny set in the object store, with a run folder of its statistics."""
+    observers, run = synthesis_inputs(str(tmp_path_factory.mktemp("statistics")))
+    return observers, run
 
 
 def seeded(shared, folder) -> RunFolder:
     """A run folder holding the statistics stage's outputs, as synthesis finds them."""
-    observers, sums, cands = shared
-    run = RunFolder(str(folder))
-    save_statistics(run, observers.names, 4, [sums], cands, len(cands), 10)
-    return run
+    shutil.copytree(shared[1].root, folder)
+    return RunFolder(str(folder))
 
 
-def config(iterations: int = 1000) -> Config:
-    cfg = Config()
-    cfg.observers.models = [ObserverSpec("convnet_d2")]
-    cfg.statistics = StatisticsConfig(patch_size=4)
-    cfg.synthesis.ipc, cfg.synthesis.classes_per_unit, cfg.synthesis.iterations = 2, 1, iterations
-    cfg.ray.synthesis_actors, cfg.ray.actor_cpus = 2, 0.5
-    return cfg
+config = synthesis_config
 
 
 def shards(folder) -> dict[str, bytes]:

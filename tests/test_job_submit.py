@@ -4,7 +4,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,19 +12,11 @@ import urllib.request
 import pytest
 import yaml
 
+from tiny import free_ports
+
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +59,9 @@ def job_config(tmp_path) -> str:
         "synthesis": {"ipc": 1, "classes_per_unit": 5, "iterations": 5},
         "evaluation": {"students": ["convnet_d2"], "epochs": 4, "batch_size": 5, "eval_every": 1,
                        "random_baseline": False},
-        "ray": {"address": "auto", "synthesis_actors": 2, "actor_cpus": 0.5, "train_worker_cpus": 0.5},
+        # A joined cluster may grow: its local paths must be declared shared (here: one machine).
+        "ray": {"address": "auto", "synthesis_actors": 2, "actor_cpus": 0.5, "train_worker_cpus": 0.5,
+                "shared_paths": [str(tmp_path)]},
         "output": {"run_dir": str(tmp_path / "run")},
     }
     path = tmp_path / "job.yaml"

@@ -26,7 +26,7 @@ from edc_ray.pipeline.synthesis import unit_samples
 from edc_ray.storage.prepare import prepare_dataset
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import read_info, write_shard
-from tiny import MEAN, STD, make_tiny
+from tiny import MEAN, STD, make_tiny, recording_loop
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -197,25 +197,6 @@ def ray_local():
     ray.cloudpickle.unregister_pickle_by_value(this)
 
 
-def recording_loop(record: str, config: dict) -> None:
-    """`train_student_loop`, noting for every start of the worker group which checkpointed epoch each
-    rank resumed from (None: from scratch)."""
-    original = evaluation._latest_state
-
-    def latest_state(rank: int) -> dict | None:
-        state = original(rank)
-        with open(record, "a") as f:
-            f.write(json.dumps({"rank": rank, "pid": os.getpid(),
-                                "epoch": None if state is None else state["epoch"]}) + "\n")
-        return state
-
-    evaluation._latest_state = latest_state
-    try:
-        evaluation.train_student_loop(config)
-    finally:
-        evaluation._latest_state = original
-
-
 def checkpoint_epochs(storage: Path, ranks: int = 2) -> list[int]:
     """Epochs of the complete checkpoints (every rank's file present) under Ray Train's storage folder."""
     epochs = []
@@ -267,7 +248,7 @@ def test_evaluation_resumes_from_last_checkpoint_after_worker_dies(ray_local, ti
                                                                    monkeypatch):
     cfg, run, teacher, target = evaluation_setup(tiny_imagefolder, tmp_path, epochs=60, eval_every=10, workers=2)
     record = tmp_path / "starts.jsonl"
-    monkeypatch.setattr(evaluation, "train_student_loop", functools.partial(recording_loop, str(record)))
+    monkeypatch.setattr(evaluation, "train_student_loop", functools.partial(recording_loop, str(record), evaluation.__name__, "train_student_loop"))
 
     outcome: dict = {}
 
@@ -316,7 +297,7 @@ def test_an_interrupted_evaluation_rerun_under_other_settings_starts_afresh(ray_
     with the same settings resumes from the checkpoint."""
     cfg, run, teacher, target = evaluation_setup(tiny_imagefolder, tmp_path, epochs=4, eval_every=2, workers=1)
     record = tmp_path / "starts.jsonl"
-    monkeypatch.setattr(evaluation, "train_student_loop", functools.partial(recording_loop, str(record)))
+    monkeypatch.setattr(evaluation, "train_student_loop", functools.partial(recording_loop, str(record), evaluation.__name__, "train_student_loop"))
     summary_name = "distilled-convnet_d2-seed0.json"
 
     def starts() -> list:

@@ -152,7 +152,7 @@ def test_pipeline_with_dataset_and_run_folder_in_s3(s3_server, ray_with_s3, tiny
         {f"candidates/class-{c:05d}.tar" for c in range(3)}
     assert expected <= set(written)
     assert not any(path.startswith("stats/parts/") for path in written)  # merged, then removed
-    for name in ("observers/", "distilled-convnet_d2-seed0-", "random-convnet_d2-seed1-"):  # Ray Train storage, in S3 too
+    for name in ("observers-", "distilled-convnet_d2-seed0-", "random-convnet_d2-seed1-"):  # Ray Train storage, in S3 too
         assert any(path.startswith(f"eval/{name}") for path in written)
     checkpoints = [p for p in written if p.startswith("eval/distilled-convnet_d2-seed0-") and p.endswith("/rank0.pt")]
     assert checkpoints and any(p.endswith("/rank1.pt") for p in written)

@@ -8,23 +8,20 @@ validation on this rank's share of the real test split, summed across ranks.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
 
 from edc_ray.algo.student import StudentTrainer, epoch_batches, to_device
-from edc_ray.config import Config, EvaluationConfig, from_dict, to_dict
+from edc_ray.config import Config, EvaluationConfig, from_dict, settings_key, to_dict
 from edc_ray.errors import DataError
 from edc_ray.pipeline import metrics
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, build_model, model_from_payload, set_threads
-from edc_ray.pipeline.distributed import fit_torch_trainer, rank_and_world, rank_share
+from edc_ray.pipeline.distributed import (TRAIN_MAX_FAILURES, fit_torch_trainer, latest_state, rank_and_world,
+                                          rank_share, report_checkpoint)
 from edc_ray.pipeline.observers import validation_accuracy
-from edc_ray.storage.run_folder import RunFolder, load_torch_bytes
+from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import SampleSpec, iter_samples
 
 
@@ -56,18 +53,6 @@ def _restore(trainer: StudentTrainer, state: dict, generators: list) -> None:
     for g, s in zip(generators, state["generators"]):
         g.set_state(s)
     torch.set_rng_state(state["rng"])
-
-
-def _latest_state(rank: int) -> dict | None:
-    """This rank's state from the last checkpoint, when Ray Train restarted the run after a failure."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        with open(os.path.join(folder, f"rank{rank}.pt"), "rb") as f:
-            return load_torch_bytes(f.read(), "checkpoint")
 
 
 REPORT_EVERY_STEPS = 50  # a Ray Train report is a barrier across workers (~0.06 s here): not every tiny epoch
@@ -110,7 +95,7 @@ def train_student_loop(config: dict) -> None:
     augment = torch.Generator().manual_seed(seed * 1000 + 1 + rank)
     torch.manual_seed(seed * 1000 + 1 + rank)
     start, best = 0, float("-inf")
-    state = _latest_state(rank)
+    state = latest_state(rank)
     if state:
         _restore(trainer, state, [order, augment])
         start, best = state["epoch"], state["best"]
@@ -132,10 +117,7 @@ def train_student_loop(config: dict) -> None:
             metrics.evaluation_accuracy(config["label"], seed, top1)
             print(f"[eval {config['label']}] seed {seed} epoch {epoch + 1}/{ecfg.epochs} "
                   f"loss {scores['loss']:.4f} top-1 {top1:.2f}% (best {best:.2f}%)", flush=True)
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(_checkpoint_state(trainer, epoch + 1, best, [order, augment]),
-                       os.path.join(folder, f"rank{rank}.pt"))
-            ray.train.report(scores, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        report_checkpoint(scores, _checkpoint_state(trainer, epoch + 1, best, [order, augment]), rank)
 
 
 @dataclass(frozen=True)
@@ -160,7 +142,7 @@ def evaluation_key(evaluation: EvaluationConfig) -> str:
     """A short hash of the evaluation settings one student run depends on: its Ray Train storage and
     its summary carry it, so a checkpoint or result made under other settings is never reused."""
     settings = {k: v for k, v in to_dict(evaluation).items() if k not in _RUN_FREE_KEYS}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return settings_key(settings)
 
 
 def fit_seed(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: ObserverSet, target: EvalSet,
@@ -181,7 +163,8 @@ def fit_seed(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: Observer
               "teacher_refs": list(observers.subset(cfg.evaluation.teachers).refs), "student": student,
               "cpus": cfg.ray.train_worker_cpus, "label": run_name(target.label, student), "images": target.images}
     result = fit_torch_trainer(train_student_loop, config, f"{name}-{key}", run.path("eval"),
-                               cfg.ray.train_workers, cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus, max_failures=2)
+                               cfg.ray.train_workers, cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus,
+                               max_failures=TRAIN_MAX_FAILURES, placement_timeout_s=cfg.ray.placement_timeout_s)
     summary = {"seed": seed, "final_top1": result.metrics["top1"], "best_top1": result.metrics["best_top1"],
                "evaluation_key": key}
     if not all(math.isfinite(float(summary[k])) for k in ("final_top1", "best_top1")):

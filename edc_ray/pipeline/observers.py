@@ -7,10 +7,11 @@ import torch
 
 from edc_ray.algo.observer import classifier_step, make_optimizer
 from edc_ray.algo.student import count_correct, normalize
-from edc_ray.config import Config, ObserversConfig, from_dict, to_dict
+from edc_ray.config import Config, ObserversConfig, from_dict, settings_key, to_dict
 from edc_ray.models import create_model, load_weights
 from edc_ray.pipeline.common import DatasetMeta, build_model, set_threads
-from edc_ray.pipeline.distributed import all_reduce_counts, fit_torch_trainer, rank_and_world
+from edc_ray.pipeline.distributed import (TRAIN_MAX_FAILURES, all_reduce_counts, fit_torch_trainer, latest_state,
+                                          rank_and_world, report_checkpoint)
 from edc_ray.pipeline.streaming import split_stream, steps_every_rank_can_take
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import read_info
@@ -21,6 +22,12 @@ STREAM_SHUFFLE = 2000  # samples in each rank's shuffle buffer while training ob
 def observer_names(cfg: Config) -> list[str]:
     """Run-folder names of the observers: index and architecture (`0-convnet_w128`)."""
     return [f"{k}-{spec.arch.replace(':', '_')}" for k, spec in enumerate(cfg.observers.models)]
+
+
+def observers_key(cfg: Config) -> str:
+    """A short hash of what trained observers depend on: their Ray Train storage carries it, so an
+    interrupted training resumes only under the same settings."""
+    return settings_key({"seed": cfg.seed, "data": to_dict(cfg.data), "observers": to_dict(cfg.observers)})
 
 
 def validation_accuracy(model: torch.nn.Module, root: str, split: str, meta: DatasetMeta, batch_size: int,
@@ -37,8 +44,10 @@ def train_observers_loop(config: dict) -> None:
 
     Every rank streams its share of the train shards (shard i to rank i mod world, shuffled per epoch
     with a seed shared by the ranks) and takes the same number of steps per epoch, the most the rank
-    with the fewest samples can fill, so DDP never waits. Rank 0 writes each observer's weights and
-    test accuracy into the run folder.
+    with the fewest samples can fill, so DDP never waits. Every epoch reports a checkpoint (model,
+    optimiser, schedule and random state), so a run restarted after a lost node or worker resumes at
+    its last epoch; observers already in the run folder are skipped. Rank 0 writes each observer's
+    weights and test accuracy into the run folder.
     """
     import ray.train
     import ray.train.torch
@@ -52,28 +61,50 @@ def train_observers_loop(config: dict) -> None:
     root, split = config["data_root"], config["train_split"]
     local_batch = max(1, ocfg.batch_size // world)
     steps = steps_every_rank_can_take(read_info(root).splits[split].shard_counts, world, local_batch)
-    for k, (name, arch) in enumerate(zip(config["names"], config["archs"])):
+    state = latest_state(rank)
+    todo = [(k, name, arch) for k, (name, arch) in enumerate(zip(config["names"], config["archs"]))
+            if not run.exists("observers", f"{name}.json")]  # decided before any rank writes one
+    for k, name, arch in todo:
         torch.manual_seed(config["seed"] + k)
         model = ray.train.torch.prepare_model(build_model(arch, meta))
         optimizer, scheduler = make_optimizer(model, ocfg, steps * ocfg.epochs)
         augment = torch.Generator().manual_seed(config["seed"] + 1000 * (k + 1) + rank)
-        for epoch in range(ocfg.epochs):
+        start = 0
+        if state and state["observer"] == name:
+            start = _restore(state, model, optimizer, scheduler, augment)
+        for epoch in range(start, ocfg.epochs):
             stream = split_stream(root, split, rank, world, local_batch, shuffle=STREAM_SHUFFLE,
                                   seed=config["seed"] + 7919 * epoch + k)
             losses = [classifier_step(model, optimizer, scheduler, normalize(images.to(device), meta.mean,
                                                                                 meta.std),
                                       labels.to(device), ocfg, augment)
                       for images, labels in itertools.islice(stream, steps)]
-            ray.train.report({"observer": name, "epoch": epoch + 1, "loss": sum(losses) / len(losses)})
+            scores = {"observer": name, "epoch": epoch + 1, "loss": sum(losses) / len(losses)}
+            report_checkpoint(scores, _state(name, epoch + 1, model, optimizer, scheduler, augment), rank)
             if rank == 0:
-                print(f"[observers] {name} epoch {epoch + 1}/{ocfg.epochs} "
-                      f"loss {sum(losses) / len(losses):.4f}", flush=True)
+                print(f"[observers] {name} epoch {epoch + 1}/{ocfg.epochs} loss {scores['loss']:.4f}", flush=True)
         plain = getattr(model, "module", model)
         accuracy = validation_accuracy(plain, root, config["val_split"], meta, 500, device)
         if rank == 0:
             save_observer(run, name, arch, plain, accuracy, trained_epochs=ocfg.epochs)
             print(f"[observers] {name} test top-1 {accuracy:.2f}%", flush=True)
         ray.train.report({"observer": name, "epoch": ocfg.epochs, "top1": accuracy})
+
+
+def _state(name: str, epoch: int, model, optimizer, scheduler, augment: torch.Generator) -> dict:
+    return {"observer": name, "epoch": epoch, "model": getattr(model, "module", model).state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "augment": augment.get_state(), "rng": torch.get_rng_state()}
+
+
+def _restore(state: dict, model, optimizer, scheduler, augment: torch.Generator) -> int:
+    """Load a checkpoint's training state; returns the epochs it had done."""
+    getattr(model, "module", model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    augment.set_state(state["augment"])
+    torch.set_rng_state(state["rng"])
+    return state["epoch"]
 
 
 def save_observer(run: RunFolder, name: str, arch: str, model: torch.nn.Module, accuracy: float | None,
@@ -107,8 +138,10 @@ def observers_stage(cfg: Config, run: RunFolder, meta: DatasetMeta) -> list[tupl
                   "data_root": cfg.data.root, "train_split": cfg.data.train_split,
                   "val_split": cfg.data.val_split, "names": [n for n, _ in to_train],
                   "archs": [a for _, a in to_train], "seed": cfg.seed, "cpus": cfg.ray.train_worker_cpus}
-        fit_torch_trainer(train_observers_loop, config, "observers", run.path("eval"),
-                          cfg.ray.train_workers, cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus)
+        fit_torch_trainer(train_observers_loop, config, f"observers-{observers_key(cfg)}", run.path("eval"),
+                          cfg.ray.train_workers, cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus,
+                          max_failures=TRAIN_MAX_FAILURES, placement_timeout_s=cfg.ray.placement_timeout_s,
+                          checkpoints_to_keep=1)
     return load_observers(cfg, run, meta)
 
 

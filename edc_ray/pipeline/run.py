@@ -17,6 +17,7 @@ import ray
 from edc_ray.config import (Config, ConfigError, changed_keys, check_local_resources, dump_config, from_dict,
                             parse_yaml, to_dict)
 from edc_ray.errors import DataError
+from edc_ray.pipeline.cluster import check_shared_paths, wait_for_room
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, observer_payload
 from edc_ray.pipeline.evaluation import EvalSet, evaluate_sets, load_images
 from edc_ray.pipeline.observers import observer_names, observers_stage
@@ -154,24 +155,27 @@ def check_run_folder(run: RunFolder, cfg: Config) -> None:
 
 @contextlib.contextmanager
 def session(cfg: Config, break_lease: bool = False) -> Iterator[Session]:
-    """Prepare the data, lease the run folder, write the resolved config, start Ray and load (or train)
-    the observers; the lease is released at the end (`break_lease`: take over another driver's lease)."""
+    """Start Ray (or join the cluster) and check the paths every node will use, prepare the data, lease
+    the run folder, write the resolved config and load (or train) the observers; the lease is released at
+    the end (`break_lease`: take over another driver's lease)."""
     absolute_paths(cfg)
     if cfg.ray.address == "local" and not ray.is_initialized():  # requests it can never place would hang
         check_local_resources(cfg, cfg.ray.num_cpus or os.cpu_count() or 1, local_gpus())
-    stage = StageTimer()
-    with stage("prepare"):
-        info = prepare_data(cfg)
-    meta = DatasetMeta.from_info(info)
-    run = RunFolder(cfg.output.run_dir)
-    lease = RunLease(run.root)
-    lease.acquire(break_lease)  # before the first write into the run folder
-    started = False
+    started = start_ray(cfg)
+    lease = None
     try:
+        check_shared_paths(cfg)  # before any work: the other nodes could not see node-local paths
+        stage = StageTimer()
+        with stage("prepare"):
+            info = prepare_data(cfg)
+        meta = DatasetMeta.from_info(info)
+        run = RunFolder(cfg.output.run_dir)
+        taken = RunLease(run.root)
+        taken.acquire(break_lease)  # before the first write into the run folder
+        lease = taken
         stage.before_each = lease.check
         check_run_folder(run, cfg)
         run.write_text(dump_config(cfg), "config.yaml")
-        started = start_ray(cfg)
         with stage("observers"):
             observers = observers_stage(cfg, run, meta)
         refs = tuple(ray.put(observer_payload(arch, model)) for arch, model in observers)  # once
@@ -180,7 +184,8 @@ def session(cfg: Config, break_lease: bool = False) -> Iterator[Session]:
     finally:
         if started:
             ray.shutdown()
-        lease.release()
+        if lease is not None:
+            lease.release()
 
 
 def teacher_spec(s: Session) -> dict:
@@ -208,7 +213,9 @@ def export_stage(s: Session, distilled: SynthesisResult) -> str:
     if not s.run.exists("export", "teachers.json"):
         urls = list(distilled.urls)
         chunks = [urls[i:i + EXPORT_UNITS_PER_TASK] for i in range(0, len(urls), EXPORT_UNITS_PER_TASK)]
-        task = _export_task.options(num_cpus=min(1.0, s.cfg.ray.actor_cpus or 1.0))
+        cpus = min(1.0, s.cfg.ray.actor_cpus or 1.0)
+        wait_for_room("export tasks", {"CPU": cpus}, 1, s.cfg.ray.placement_timeout_s)
+        task = _export_task.options(num_cpus=cpus)
         written = sum(ray.get([task.remote(chunk, s.info.classes, s.run.path("export", "images"))
                                for chunk in chunks]))
         if written != distilled.images:  # a unit shard lost or cut short since synthesis

@@ -27,6 +27,7 @@ from edc_ray.algo.candidates import Candidates, CandidateReservoir, bottom_k, pa
 from edc_ray.algo.condense import StatisticsPass, score_candidates
 from edc_ray.algo.stats import ClassStatSums, StatTotals
 from edc_ray.config import Config, flat_config
+from edc_ray.pipeline.cluster import wait_for_room
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, PeakMemory, load_models, resolve_device, set_threads
 from edc_ray.storage import fsio
 from edc_ray.storage.candidates import fetch_payloads, raw_source, read_candidates, write_candidates
@@ -328,6 +329,8 @@ def statistics_stage(cfg: Config, run: RunFolder, info: DatasetInfo, meta: Datas
     resources = {"num_cpus": cfg.ray.stats_cpus, "num_gpus": cfg.ray.stats_gpus}
     todo = [t for t in range(len(groups)) if not ((_part_products(run, t) or Products(False, False)).covers(need))]
     hold_below = payload_thresholds(split.counts_per_class, cfg.init.candidates_per_class)
+    wait_for_room("statistics tasks", {"CPU": cfg.ray.stats_cpus, "GPU": cfg.ray.stats_gpus}, 1,
+                  cfg.ray.placement_timeout_s)
     summaries = _wait([statistics_task.options(name=f"statistics-{t}", **resources).remote(
         run, t, groups[t], {u: counts[u] for u in groups[t]}, observers, cfg, meta, hold_below, need)
         for t in todo], "statistics tasks")

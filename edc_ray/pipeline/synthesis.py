@@ -26,7 +26,9 @@ from edc_ray.algo.candidates import Candidates
 from edc_ray.algo.condense import build_observers, make_units, synthesize_class_unit
 from edc_ray.algo.stats import ClassStatSums
 from edc_ray.config import Config
+from edc_ray.errors import ClusterError
 from edc_ray.pipeline import metrics
+from edc_ray.pipeline.cluster import describe_cluster, wait_for_room
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, PeakMemory, load_models, resolve_device, set_threads
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import ShardReadError, count_samples, encode_png, write_shard
@@ -74,7 +76,8 @@ class SynthesisResult:
 
 
 MAX_ACTOR_RESTARTS = 2
-RESTART_GRACE_S = 2.0  # a dead actor's pause before it is offered work again (Ray restarts it meanwhile)
+RESTART_GRACE_S = 2.0  # a failed actor's pause before it is probed again (Ray restarts it meanwhile)
+WAITING_NOTICE_S = 10.0  # no usable actor for this long: say what the stage waits for
 
 
 ModelLoader = Callable[[], tuple[list[nn.Module], int]]  # () -> (the synthesis observers' models, bytes pulled)
@@ -166,9 +169,10 @@ def synthesis_stage(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: O
                     folder: str = "distilled") -> SynthesisResult:
     """Run every unit of `folder` not yet complete on the actor pool; write `<folder>/_info.json`.
 
-    Units go to whichever started actor is free. A unit whose actor dies is queued again; the actor
-    restarts (up to `MAX_ACTOR_RESTARTS` times) and keeps taking work, and the stage fails with a clear
-    error only when every actor is gone for good.
+    It first waits (up to `ray.placement_timeout_s`) until the cluster could place one actor. Units go
+    to whichever started actor is free. A unit whose actor dies is queued again; the actor restarts (up
+    to `MAX_ACTOR_RESTARTS` times) and keeps taking work, and the stage fails with a clear error when
+    every actor is gone for good or none has been usable for `ray.placement_timeout_s`.
     """
     units = make_units(meta.num_classes, cfg.synthesis.classes_per_unit)
     ipc = cfg.synthesis.ipc
@@ -179,12 +183,14 @@ def synthesis_stage(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: O
     requeued: list[int] = []
     if todo:
         prefix = "SynthesisWorker" if folder == "distilled" else "BaselineWorker"
+        bundle = {k: v for k, v in (("CPU", cfg.ray.actor_cpus), ("GPU", cfg.ray.actor_gpus)) if v}
+        wait_for_room("synthesis actors", bundle, 1, cfg.ray.placement_timeout_s)
         actors = [SynthesisWorker.options(name=f"{prefix}-{i}", num_cpus=cfg.ray.actor_cpus,
                                           num_gpus=cfg.ray.actor_gpus, max_restarts=MAX_ACTOR_RESTARTS)
                   .remote(f"{prefix}-{i}", cfg, meta, run, observers, folder)
                   for i in range(min(cfg.ray.synthesis_actors, len(todo)))]
         try:
-            results, requeued, workers = _dispatch(actors, units, todo)
+            results, requeued, workers = _dispatch(actors, units, todo, cfg.ray.placement_timeout_s, bundle)
         finally:  # named actors would outlive a failed stage and block a re-run's names
             for actor in actors:
                 ray.kill(actor)
@@ -197,65 +203,123 @@ def synthesis_stage(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: O
                            ipc * meta.num_classes, tuple(results), tuple(workers), tuple(requeued))
 
 
-def _dispatch(actors: list, units: list[list[int]], todo: deque) -> tuple[list[dict], list[int], list[dict]]:
+@dataclass
+class _Pool:
+    """The dispatcher's view of the actors: which are free, probed (starting or restarting), resting
+    before a probe, or gone, and since when each has been unusable."""
+
+    actors: list
+    free: deque = field(default_factory=deque)
+    probing: dict = field(default_factory=dict)  # ready() ref -> actor
+    resting: dict = field(default_factory=dict)  # actor -> when to probe it again
+    down_since: dict = field(default_factory=dict)  # id(actor) -> when it was last seen unusable
+    deaths: dict = field(default_factory=dict)  # id(actor) -> deaths counted
+    gone: set = field(default_factory=set)  # id(actor) of actors that died too often
+
+    def __post_init__(self):
+        now = time.monotonic()
+        for actor in self.actors:
+            self.probe(actor)
+            self.down_since[id(actor)] = now
+
+    def probe(self, actor) -> None:
+        self.probing[actor.ready.remote()] = actor
+
+    def up(self, actor) -> None:
+        self.down_since.pop(id(actor), None)
+        self.free.append(actor)
+
+    def failed(self, actor, err: Exception) -> None:
+        """`actor` failed a call: rest, then probe it again, unless it died more than Ray restarts it."""
+        self.down_since.setdefault(id(actor), time.monotonic())
+        if not isinstance(err, ray.exceptions.ActorUnavailableError):  # unavailable: restarting or unreachable
+            self.deaths[id(actor)] = self.deaths.get(id(actor), 0) + 1
+        if self.deaths.get(id(actor), 0) > MAX_ACTOR_RESTARTS:
+            self.gone.add(id(actor))
+            self.down_since.pop(id(actor))
+        else:
+            self.resting[actor] = time.monotonic() + RESTART_GRACE_S
+
+    def wake(self) -> None:
+        now = time.monotonic()
+        for actor in [a for a, t in self.resting.items() if t <= now]:
+            del self.resting[actor]
+            self.probe(actor)
+
+    def stalled_for(self) -> float:
+        """Seconds since the last actor became unusable, when none is usable now (else 0)."""
+        if self.free or len(self.down_since) + len(self.gone) < len(self.actors):
+            return 0.0
+        return time.monotonic() - max(self.down_since.values(), default=time.monotonic())
+
+
+def _dispatch(actors: list, units: list[list[int]], todo: deque, timeout_s: float, bundle: dict
+              ) -> tuple[list[dict], list[int], list[dict]]:
     """Hand queued units to free actors until all are done; returns (summaries, units queued again, actors).
 
     An actor is free once its `ready` call has answered (it was placed and built): units never wait on
-    an actor the cluster cannot place. A unit whose actor died goes back to the queue and to the next
-    free actor; the dead actor rests for `RESTART_GRACE_S` while Ray restarts it and counts a death
-    (calls refused while it is restarting do not count). After `MAX_ACTOR_RESTARTS` deaths it takes no
-    more work.
+    an actor the cluster cannot place, and the stage goes on with those that did start. A unit whose
+    actor failed goes back to the queue (one line says so) and to the next free actor; the failed actor
+    rests for `RESTART_GRACE_S`, then is probed with `ready` again, so calls refused while Ray restarts
+    it are never counted or logged. After `MAX_ACTOR_RESTARTS` deaths it is gone. The stage fails with
+    a clear error when every actor is gone, or when none has been usable for `timeout_s` (not placed,
+    or lost with its node and not placed again).
     """
-    starting = {actor.ready.remote(): actor for actor in actors}
+    pool = _Pool(actors)
     in_flight: dict = {}
-    free: deque = deque()
-    resting: dict = {}  # actor -> time it may take work again
-    deaths = {id(a): 0 for a in actors}
     results: list[dict] = []
     requeued: list[int] = []
-    workers: list[dict] = []
+    workers: dict[str, dict] = {}
+    told_waiting = False
     with tqdm(total=len(todo), desc="synthesis units", unit="unit") as bar:
         while todo or in_flight:
-            now = time.monotonic()
-            for actor in [a for a, t in resting.items() if t <= now]:
-                del resting[actor]
-                free.append(actor)
-            while todo and free:
-                actor, unit = free.popleft(), todo.popleft()
+            pool.wake()
+            while todo and pool.free:
+                actor, unit = pool.free.popleft(), todo.popleft()
                 in_flight[actor.run_unit.remote(unit, units[unit])] = (actor, unit)
             metrics.units_progress(len(results), len(todo), len(in_flight))
-            if not in_flight and not starting and not resting:
-                raise RuntimeError(f"every synthesis actor died; units {sorted(todo)} were not "
-                                   "synthesised. Re-run the job: finished units are kept and skipped.")
-            waiting = list(in_flight) + list(starting)
+            if not in_flight:
+                _check_progress(pool, todo, timeout_s, bundle)
+                if not told_waiting and pool.stalled_for() > WAITING_NOTICE_S:
+                    told_waiting = True
+                    print(f"[synthesis] waiting for an actor ({bundle} each) to be placed or to come back, "
+                          f"up to ray.placement_timeout_s={timeout_s:g} s; {len(todo)} units queued", flush=True)
+            waiting = list(in_flight) + list(pool.probing)
             done, _ = ray.wait(waiting, num_returns=1, timeout=1.0) if waiting else ([], [])
             if not done:
                 if not waiting:
                     time.sleep(0.2)
                 continue
             ref = done[0]
-            if ref in starting:
-                actor = starting.pop(ref)
+            if ref in pool.probing:
+                actor = pool.probing.pop(ref)
                 try:
-                    workers.append(ray.get(ref))
-                    free.append(actor)
+                    info = ray.get(ref)
+                    workers[info["name"]] = info
+                    pool.up(actor)
                 except ray.exceptions.RayActorError as err:
-                    print(f"[synthesis] an actor failed to start ({type(err).__name__}); going on without it",
-                          flush=True)
+                    pool.failed(actor, err)
                 continue
             actor, unit = in_flight.pop(ref)
             try:
                 results.append(ray.get(ref))
-                free.append(actor)
+                pool.free.append(actor)
                 bar.update(1)
             except ray.exceptions.RayActorError as err:
                 todo.append(unit)
                 requeued.append(unit)
-                print(f"[synthesis] unit {unit} lost with its actor ({type(err).__name__}); queued again",
-                      flush=True)
-                if not isinstance(err, ray.exceptions.ActorUnavailableError):
-                    deaths[id(actor)] += 1
-                if deaths[id(actor)] <= MAX_ACTOR_RESTARTS:
-                    resting[actor] = time.monotonic() + RESTART_GRACE_S
+                print(f"[synthesis] unit {unit} queued again: its actor failed ({type(err).__name__})", flush=True)
+                pool.failed(actor, err)
     metrics.units_progress(len(results), 0, 0)
-    return results, requeued, workers
+    return results, requeued, list(workers.values())
+
+
+def _check_progress(pool: _Pool, todo: deque, timeout_s: float, bundle: dict) -> None:
+    """Raise when no actor can take the queued units: all gone, or none usable for `timeout_s`."""
+    left = f"units {sorted(todo)} were not synthesised. Re-run the job: finished units are kept and skipped"
+    if len(pool.gone) == len(pool.actors):
+        raise RuntimeError(f"every synthesis actor died more than {MAX_ACTOR_RESTARTS} times; {left}")
+    if pool.stalled_for() > timeout_s:
+        raise ClusterError(f"no synthesis actor ({bundle} each) could be placed, or placed again after a "
+                           f"failure, within ray.placement_timeout_s={timeout_s:g} s; the cluster has "
+                           f"{describe_cluster()}; {left}")

@@ -74,6 +74,11 @@ def absolute(url: str) -> str:
     return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
 
+def is_local(url: str) -> bool:
+    """Whether ``url`` is on this machine's file system (a plain path or ``file://``)."""
+    return fsspec.core.split_protocol(url)[0] in (None, "file", "local")
+
+
 def arrow_filesystem(url: str) -> tuple[pyarrow.fs.FileSystem | None, str]:
     """``url`` as pyarrow sees it (Ray Train's ``storage_filesystem`` and ``storage_path``).
 
