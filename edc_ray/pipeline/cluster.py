@@ -72,11 +72,11 @@ def describe_cluster() -> str:
 
 
 def bundles_that_fit(bundle: dict[str, float], nodes: list[dict]) -> int:
-    """How many copies of `bundle` the nodes' total resources could hold at once (each copy on one node)."""
-    wanted = {k: v for k, v in bundle.items() if v > 0}
-    if not wanted:
+    """How many copies of `bundle` (positive amounts) the nodes' total resources could hold at once, each
+    copy on one node."""
+    if not bundle:
         return math.inf if nodes else 0
-    return sum(min(int(node.get("Resources", {}).get(k, 0.0) / v + 1e-9) for k, v in wanted.items())
+    return sum(min(int(node.get("Resources", {}).get(k, 0.0) / v + 1e-9) for k, v in bundle.items())
                for node in nodes)
 
 
@@ -90,8 +90,8 @@ def _request(bundles: list[dict]) -> None:
         pass
 
 
-def wait_for_room(what: str, bundle: dict[str, float], needed: int, timeout_s: float) -> int:
-    """Block until the cluster could hold `needed` copies of `bundle` at once; returns how many it could.
+def wait_for_room(what: str, bundle: dict[str, float], needed: int, timeout_s: float) -> None:
+    """Block until the cluster could hold `needed` copies of `bundle` at once.
 
     While it waits it prints one line saying what is pending and asks the autoscaler for the room;
     after `timeout_s` it raises `ClusterError` naming the request and what the cluster offers.
@@ -99,7 +99,7 @@ def wait_for_room(what: str, bundle: dict[str, float], needed: int, timeout_s: f
     wanted = {k: v for k, v in bundle.items() if v > 0}
     fit = bundles_that_fit(wanted, alive_nodes())
     if fit >= needed:
-        return fit
+        return
     print(f"[edc-ray] {what}: waiting up to {timeout_s:.0f} s (ray.placement_timeout_s) for room for {needed} x "
           f"{wanted}; the cluster has {describe_cluster()}", flush=True)
     deadline = time.monotonic() + timeout_s
@@ -114,4 +114,3 @@ def wait_for_room(what: str, bundle: dict[str, float], needed: int, timeout_s: f
             fit = bundles_that_fit(wanted, alive_nodes())
     finally:
         _request([])
-    return fit

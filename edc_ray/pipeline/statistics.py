@@ -329,13 +329,14 @@ def statistics_stage(cfg: Config, run: RunFolder, info: DatasetInfo, meta: Datas
     resources = {"num_cpus": cfg.ray.stats_cpus, "num_gpus": cfg.ray.stats_gpus}
     todo = [t for t in range(len(groups)) if not ((_part_products(run, t) or Products(False, False)).covers(need))]
     hold_below = payload_thresholds(split.counts_per_class, cfg.init.candidates_per_class)
-    wait_for_room("statistics tasks", {"CPU": cfg.ray.stats_cpus, "GPU": cfg.ray.stats_gpus}, 1,
-                  cfg.ray.placement_timeout_s)
+    num_blocks = len(class_blocks(meta.num_classes))
+    blocks = [b for b in range(num_blocks) if not ((_block_products(run, b) or Products(False, False)).covers(need))]
+    if todo or blocks:  # a resume with nothing left to run must not ask for (GPU) nodes
+        wait_for_room("statistics tasks", {"CPU": cfg.ray.stats_cpus, "GPU": cfg.ray.stats_gpus}, 1,
+                      cfg.ray.placement_timeout_s)
     summaries = _wait([statistics_task.options(name=f"statistics-{t}", **resources).remote(
         run, t, groups[t], {u: counts[u] for u in groups[t]}, observers, cfg, meta, hold_below, need)
         for t in todo], "statistics tasks")
-    num_blocks = len(class_blocks(meta.num_classes))
-    blocks = [b for b in range(num_blocks) if not ((_block_products(run, b) or Products(False, False)).covers(need))]
     merges = _wait([merge_task.options(name=f"statistics-merge-{b}", **resources).remote(
         run, b, len(groups), observers, cfg, meta, need) for b in blocks], "statistics merges")
     totals: dict[str, StatTotals] = {}
