@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from edc_ray.storage.images import CROPS
+
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message says what is allowed."""
@@ -65,8 +67,16 @@ class DataConfig:
     src: str | None = None  # source files for `source` (idx folder, CIFAR folder, ImageFolder)
     train_split: str = "train"
     val_split: str = "test"
-    image_size: int | None = None  # when set, must equal the dataset's image size
+    image_size: int | None = None  # fixed-size datasets: must equal theirs; images of any size: required
     shard_size: int = 5000  # samples per shard when preparing on first use
+    classes: str | None = None  # a text file of class names (one per line) for infos that name none, or
+    # "imagenet-1k" (its 1000 sorted wnids: the class order of torchvision's and timm's pretrained models)
+    # Datasets whose images have any size (JPEG shards read in place) are fitted to image_size as they
+    # are decoded: train views by a random-resized crop (or "center"), validation views (and candidates)
+    # by resizing the shorter side to image_size * val_resize_ratio and a centre crop.
+    train_crop: str = "random_resized"
+    train_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    val_resize_ratio: float = 8 / 7
 
 
 @dataclass
@@ -75,7 +85,10 @@ class ObserverSpec:
 
     arch: str = "convnet_w128"
     weights: str | None = None  # local path or s3:// URL; None: train it (or `pretrained`)
-    pretrained: bool = False  # timm/torchvision pretrained weights (needs the network)
+    # Library weights, named (torchvision: IMAGENET1K_V1; timm: a tag) or true for the library's default.
+    # They bring their normalisation, validation resize ratio and classes; with `weights` set too, that
+    # file holds them (offline). Without, they come from torch's hub cache (or the network).
+    pretrained: bool | str = False
 
 
 @dataclass
@@ -119,6 +132,11 @@ class InitConfig:
     pool_fraction: float = 1.0
     factor: int = 2  # f: mosaics are f x f crops
     crops_per_image: int = 4
+    # the mosaic's candidate crops: RandomResizedCrop area fraction and a random flip (EDC's init:
+    # (0.08, 1) and flip); one_crop_per_image keeps only each image's lowest-loss crop (RDED's selection)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_flip: bool = True
+    one_crop_per_image: bool = False
     shuffle_patches: bool = False
 
 
@@ -479,6 +497,15 @@ def validate(cfg: Config) -> None:
                f"{' and statistics.patch' if kind == 'patch' else ''} must be true)")
     for k, spec in enumerate(o.models):
         _check(is_model(spec.arch), f"observers.models[{k}].arch", spec.arch, _known_archs())
+        if spec.pretrained:
+            _check(":" in spec.arch, f"observers.models[{k}].pretrained", spec.pretrained,
+                   f"only timm: and torchvision: models have pretrained weights, not {spec.arch!r}")
+            try:
+                from edc_ray.models.pretrained import preprocessing
+
+                preprocessing(spec.arch, spec.pretrained)
+            except (ValueError, RuntimeError) as exn:
+                raise ConfigError(f"observers.models[{k}].pretrained: {exn}") from None
     for k, student in enumerate(e.students):
         _check(is_model(student), f"evaluation.students[{k}]", student, _known_archs())
     for k, t in enumerate(e.teachers or []):
@@ -488,6 +515,8 @@ def validate(cfg: Config) -> None:
     _check(o.batch_size >= 1, "observers.batch_size", o.batch_size, "must be >= 1")
     _check(st.patch_size >= 1, "statistics.patch_size", st.patch_size, "must be >= 1")
     _check(i.candidates_per_class >= 1, "init.candidates_per_class", i.candidates_per_class, "must be >= 1")
+    _check(len(i.crop_scale) == 2 and 0 < i.crop_scale[0] <= i.crop_scale[1] <= 1, "init.crop_scale",
+           i.crop_scale, "[min, max] with 0 < min <= max <= 1")
     _check(0.0 <= i.pool_fraction <= 1.0, "init.pool_fraction", i.pool_fraction, "must be in [0, 1]")
     _check(i.factor >= 1, "init.factor", i.factor, "must be >= 1")
     _check(i.crops_per_image >= 1, "init.crops_per_image", i.crops_per_image, "must be >= 1")
@@ -514,6 +543,10 @@ def validate(cfg: Config) -> None:
     _check(bool(d.root.strip()), "data.root", d.root, "give a folder or s3:// prefix")
     _check(d.shard_size >= 1, "data.shard_size", d.shard_size, "must be >= 1 (samples per shard)")
     _check(d.image_size is None or d.image_size >= 1, "data.image_size", d.image_size, "must be >= 1 or null")
+    _check(d.train_crop in CROPS, "data.train_crop", d.train_crop, f"one of {list(CROPS)}")
+    _check(len(d.train_crop_scale) == 2 and 0 < d.train_crop_scale[0] <= d.train_crop_scale[1] <= 1,
+           "data.train_crop_scale", d.train_crop_scale, "[min, max] with 0 < min <= max <= 1")
+    _check(d.val_resize_ratio >= 1, "data.val_resize_ratio", d.val_resize_ratio, "must be >= 1 (8/7: 256 -> 224)")
     _check(o.lr > 0, "observers.lr", o.lr, "must be > 0")
     _check(0.0 <= o.momentum < 1.0, "observers.momentum", o.momentum, "must be in [0, 1)")
     _check(o.weight_decay >= 0, "observers.weight_decay", o.weight_decay, "must be >= 0")

@@ -5,15 +5,20 @@ Usage (from the repository root):
     python jobs/prepare.py --source idx --src ../shared/data/mnist --out data/mnist
     python jobs/prepare.py --source digits --out data/digits
     python jobs/prepare.py --source cifar10 --src ~/datasets/cifar-10-batches-py --out s3://bucket/cifar10
+    python jobs/prepare.py --source imagefolder --src ~/imagenet --out s3://bucket/imagenet --tasks 16
     python jobs/prepare.py --source imagefolder --src ~/pictures --image-size 64 --channels 3 --out data/pics
     python jobs/prepare.py --source torchvision --dataset CIFAR100 --out data/cifar100   # needs network
-Options: --shard-size N (samples per shard, default 5000), --image-size N (resize + center-crop to NxN),
---name NAME, --overwrite (replace an existing, differently prepared output).
+Options: --shard-size N (samples per shard, default 5000), --image-size N (resize + center-crop to NxN
+PNGs; without it image files keep their own bytes), --tasks N (shards written by N concurrent Ray tasks;
+default: this machine's CPUs; --address joins a cluster), --name NAME, --overwrite (replace an existing,
+differently prepared output). The output's _info.json is timm's, so `timm.data.create_dataset("wds/...")`
+reads it too.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from edc_ray.cli import run_job
 from edc_ray.storage import SOURCES, prepare_dataset
@@ -31,19 +36,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--name")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--tasks", type=int, default=os.cpu_count() or 1, help="concurrent Ray tasks (1: no Ray)")
+    parser.add_argument("--address", default="local", help="Ray address: local (a private instance) or a cluster")
     parser.add_argument("--names", choices=["mnist", "fashion-mnist"], help="idx: class names")
     parser.add_argument("--channels", type=int, choices=[1, 3], help="imagefolder: 1 grayscale, 3 RGB")
     parser.add_argument("--dataset", help="torchvision: dataset class, e.g. CIFAR10, MNIST, FashionMNIST")
     args = parser.parse_args(argv)
     options = {key: getattr(args, key) for key in SOURCE_OPTIONS if getattr(args, key) is not None}
-    info = run_job(lambda: prepare_dataset(args.source, args.src, args.out, shard_size=args.shard_size,
-                                           image_size=args.image_size, name=args.name, overwrite=args.overwrite,
-                                           source_options=options))
+    info = run_job(lambda: prepare(args, options))
     if info is None:
         return 2
     for split, split_info in info.splits.items():
-        print(f"{info.name} {split}: {split_info.count} images in {len(split_info.shards)} shards under {args.out}")
+        print(f"{info.name} {split}: {split_info.num_samples} images in {len(split_info.filenames)} shards under "
+              f"{args.out}")
     return 0
+
+
+def prepare(args: argparse.Namespace, options: dict):
+    """Run the prepare with Ray started (and stopped) here when more than one task is asked for."""
+    started = args.tasks > 1 and not ray_running()
+    if started:
+        import ray
+
+        ray.init(address=args.address, **({"num_cpus": args.tasks} if args.address == "local" else {}))
+    try:
+        return prepare_dataset(args.source, args.src, args.out, shard_size=args.shard_size, image_size=args.image_size,
+                               name=args.name, overwrite=args.overwrite, source_options=options, tasks=args.tasks)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def ray_running() -> bool:
+    """Whether this process already has Ray initialised."""
+    import ray
+
+    return ray.is_initialized()
 
 
 if __name__ == "__main__":

@@ -2,15 +2,15 @@
 import pytest
 
 from edc_ray.benchmarks import gpu, scale
-from edc_ray.storage.shards import iter_samples, shard_urls
+from edc_ray.storage.shards import iter_samples
 
 
 def test_imagenet_shaped_data_has_1000_interleaved_classes(tmp_path):
     info = scale.generate(str(tmp_path / "data"), 2000)
     assert len(info.classes) == 1000 and info.image_size == 32 and info.channels == 3
     train = info.splits["train"]
-    assert train.count == 2000 and train.shard_counts == [1000, 1000] and set(train.counts_per_class) == {2}
-    labels = [label for _, _, label in iter_samples(shard_urls(str(tmp_path / "data"), info, "train")[:1])]
+    assert train.num_samples == 2000 and train.shard_lengths == [1000, 1000] and set(train.counts_per_class) == {2}
+    labels = [label for _, _, label in iter_samples(list(info.shard_list(str(tmp_path / "data"), "train").urls)[:1])]
     assert len(set(labels)) > 500  # one shard holds most classes, as real ImageNet shards do
     assert scale.generate(str(tmp_path / "data"), 2000) == info  # reused, not regenerated
 

@@ -225,5 +225,6 @@ def test_image_size_must_match_the_dataset(tmp_path):
     assert prepare_data(load_config(None, [f"data.root={root}", "data.image_size=8"])).image_size == 8
     with pytest.raises(ConfigError, match=r"data.image_size: 28 does not match .* 8x8"):
         prepare_data(load_config(None, [f"data.root={root}", "data.image_size=28"]))
-    with pytest.raises(ConfigError, match=r"data.val_split: 'val' is not a split"):
+    with pytest.raises(ConfigError,
+                       match=r"data.val_split: dataset 'digits' has no split 'val'; it has \['test', 'train'\]"):
         prepare_data(load_config(None, [f"data.root={root}", "data.val_split=val"]))

@@ -27,8 +27,9 @@ from edc_ray.storage import fsio
 from edc_ray.storage.export import read_imagefolder
 from edc_ray.storage.lease import RunFolderBusy, RunLease
 from edc_ray.storage.run_folder import RunFolder
-from edc_ray.storage.shards import (DatasetInfo, ShardReadError, SplitInfo, encode_png, iter_split, write_info,
-                                    write_shard)
+from edc_ray.storage.dataset_info import DatasetInfo, ShardList, SplitInfo, write_info
+from edc_ray.storage.images import encode_png
+from edc_ray.storage.shards import ShardReadError, iter_split, write_shard
 from edc_ray.storage.sources import open_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,16 +184,18 @@ def test_a_cifar_pickle_with_an_object_array_is_refused(tmp_path):
 META = DatasetMeta(num_classes=2, channels=1, image_size=8, mean=(0.5,), std=(0.25,))
 
 
-def _fake_trainer(calls: list, top1: float):
+def _fake_trainer(calls: list, top1: float, monkeypatch):
+    """A stand-in for Ray Train that records the runs asked for (no dataset is read)."""
     def fit(loop, config, name, storage, *args, **kwargs):
         calls.append(name)
         return types.SimpleNamespace(metrics={"top1": top1, "best_top1": top1})
+    monkeypatch.setattr(evaluation, "split_shards", lambda data, split: ShardList(("val.tar",), (1,), 1))
     return fit
 
 
 def test_a_run_under_other_evaluation_settings_is_never_reused(tmp_path, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(evaluation, "fit_torch_trainer", _fake_trainer(calls, 50.0))
+    monkeypatch.setattr(evaluation, "fit_torch_trainer", _fake_trainer(calls, 50.0, monkeypatch))
     run, target = RunFolder(str(tmp_path / "run")), EvalSet("distilled", ("unused.tar",), 2)
     observers = ObserverSet(("o",), ("convnet_d2",), ())
     first, second = Config(), Config()
@@ -209,7 +212,7 @@ def test_a_run_under_other_evaluation_settings_is_never_reused(tmp_path, monkeyp
 
 
 def test_a_non_finite_result_is_an_error_and_not_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluation, "fit_torch_trainer", _fake_trainer([], math.nan))
+    monkeypatch.setattr(evaluation, "fit_torch_trainer", _fake_trainer([], math.nan, monkeypatch))
     run = RunFolder(str(tmp_path / "run"))
     with pytest.raises(RuntimeError, match="distilled-convnet_d2-seed0 ended with top-1 nan"):
         fit_seed(Config(), run, META, ObserverSet(("o",), ("convnet_d2",), ()),
@@ -223,8 +226,8 @@ def _dataset(tmp_path, samples: list[dict], counts: list[int] | None = None) -> 
     """A one-split dataset of 8x8 grayscale images, 2 classes, the given samples in one shard."""
     root = str(tmp_path / "data")
     written = write_shard(f"{root}/train/shard-00000.tar", samples)
-    write_info(root, DatasetInfo("hostile", ["a", "b"], 8, 1, [0.5], [0.25],
-                                 {"train": SplitInfo(written, [written, 0], ["shard-00000.tar"], counts or [written])}))
+    write_info(root, DatasetInfo("hostile", ["a", "b"], 8, 1, [0.5], [0.25], {"train": SplitInfo(
+        "train", written, ["train/shard-00000.tar"], counts or [written], [written, 0])}))
     return root
 
 
@@ -254,10 +257,11 @@ def test_a_decompression_bomb_is_named(tmp_path, monkeypatch):
 
 def test_a_truncated_shard_is_refused_by_the_statistics_reader(tmp_path):
     from edc_ray.pipeline.statistics import TaskSamples
-    from edc_ray.storage.shards import SampleSpec, read_info, shard_urls
+    from edc_ray.storage.dataset_info import read_info
+    from edc_ray.storage.shards import SampleSpec
 
     root = _dataset(tmp_path, [_sample(i) for i in range(5)], counts=[6])  # _info.json promises 6
-    urls = shard_urls(root, read_info(root), "train")
+    urls = list(read_info(root).shard_list(root, "train").urls)
     samples = TaskSamples(urls, {urls[0]: 6}, seed=0, decode=False, spec=SampleSpec(1, 8, 2))
     with pytest.raises(ShardReadError, match="holds 5 samples but 6 were written"):
         list(samples)

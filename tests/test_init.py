@@ -1,4 +1,5 @@
 """Candidate scoring, distinct real initialisation, mosaics and patch shuffling."""
+import pytest
 import torch
 
 from edc_ray.algo.candidates import sample_priority
@@ -52,3 +53,16 @@ def test_mosaic_init_shapes_labels_and_content():
     shuffled, _ = mosaic_init([model], images, labels, ipc=2, factor=2, crops_per_image=2,
                               shuffle=True, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(out, shuffled)
+
+
+def test_mosaic_tiles_come_from_distinct_images_when_asked():
+    torch.manual_seed(0)
+    model = create_model("convnet", num_classes=1, in_chans=1, image_size=8, depth=1, width=4).eval()
+    images = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 8, 8).contiguous()  # image i is constant i
+    labels = torch.zeros(5, dtype=torch.long)
+    out, _ = mosaic_init([model], images, labels, ipc=1, factor=2, crops_per_image=4, one_crop_per_image=True,
+                         generator=torch.Generator().manual_seed(0))
+    tiles = {round(float(out[0, 0, r, c]), 4) for r in (0, 4) for c in (0, 4)}  # a crop of a constant image
+    assert len(tiles) == 4  # four tiles, four source images
+    with pytest.raises(ValueError, match="class 0: 2 mosaics of 2x2 tiles need 8 crops, its candidates gave 5"):
+        mosaic_init([model], images, labels, ipc=2, factor=2, crops_per_image=4, one_crop_per_image=True)

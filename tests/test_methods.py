@@ -9,7 +9,8 @@ from edc_ray.benchmarks.grid import Cell, Grid, cell_config, cells, load_grid, m
 from edc_ray.config import METHODS, ConfigError, StatisticsConfig, load_config
 from edc_ray.storage import fsio
 from edc_ray.storage.export import export_imagefolder, imagefolder_shard
-from edc_ray.storage.shards import encode_png, iter_samples, write_shard
+from edc_ray.storage.images import encode_png
+from edc_ray.storage.shards import iter_samples, write_shard
 from tiny import MEAN, STD, make_tiny, tiny_observers
 
 

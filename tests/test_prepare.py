@@ -18,6 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from edc_ray.storage import (
+    ImageFit,
     ShardReadError,
     decode_image,
     encode_png,
@@ -26,7 +27,6 @@ from edc_ray.storage import (
     open_source,
     prepare_dataset,
     read_info,
-    shard_urls,
     write_shard,
 )
 from edc_ray.storage import fsio
@@ -166,7 +166,7 @@ def test_digits_round_trip(tmp_path: Path) -> None:
     scaled = np.round(digits.images * 255 / 16).astype(np.uint8)
     info = prepare_dataset("digits", None, str(tmp_path), shard_size=1000)
     assert (info.image_size, info.channels, info.classes) == (8, 1, [str(d) for d in range(10)])
-    assert (info.splits["train"].count, info.splits["test"].count) == (1437, 360)
+    assert (info.splits["train"].num_samples, info.splits["test"].num_samples) == (1437, 360)
     pairs = []
     for split in ("train", "test"):
         images, labels, _ = load_split(str(tmp_path), split)
@@ -191,19 +191,23 @@ def test_mean_std_hand_checked(tmp_path: Path) -> None:
 def test_shards_are_plain_webdataset_tars(tmp_path: Path) -> None:
     source, src, _, _ = idx_case(tmp_path)
     info = prepare_dataset(source, src, str(tmp_path / "out"), shard_size=4)
-    assert info.splits["train"].shards == ["shard-000000.tar", "shard-000001.tar"]
-    assert info.splits["train"].shard_counts == [4, 3]
-    with tarfile.open(shard_urls(str(tmp_path / "out"), info, "train")[1]) as tar:
+    assert info.splits["train"].filenames == ["train/shard-000000.tar", "train/shard-000001.tar"]
+    assert info.splits["train"].shard_lengths == [4, 3]
+    with tarfile.open(list(info.shard_list(str(tmp_path / "out"), "train").urls)[1]) as tar:
         names = tar.getnames()
         label = tar.extractfile("train-00000004.cls").read()
     assert names == [f"train-{i:08d}.{ext}" for i in (4, 5, 6) for ext in ("cls", "png")]
     assert int(label) == int(load_split(str(tmp_path / "out"), "train")[1][4])
 
 
-def test_grayscale_imagefolder_and_resize(tmp_path: Path) -> None:
+def test_grayscale_imagefolder_of_any_size_or_resized(tmp_path: Path) -> None:
     write_png_tree(tmp_path / "g", {"train": {"x": [_images(1, 6)[0], np.zeros((4, 8), np.uint8)]}})
-    with pytest.raises(ValueError, match="--image-size"):
-        prepare_dataset("imagefolder", str(tmp_path / "g"), str(tmp_path / "bad"))
+    kept = prepare_dataset("imagefolder", str(tmp_path / "g"), str(tmp_path / "any"))
+    assert (kept.channels, kept.image_size) == (1, None)  # sizes differ: fitted when read
+    with pytest.raises(ValueError, match="any size"):
+        load_split(str(tmp_path / "any"), "train")
+    fitted, _, _ = load_split(str(tmp_path / "any"), "train", fit=ImageFit(4, 1))
+    assert tuple(fitted.shape) == (2, 1, 4, 4) and fitted[1].max() == 0
     info = prepare_dataset("imagefolder", str(tmp_path / "g"), str(tmp_path / "ok"), image_size=4)
     images, _, _ = load_split(str(tmp_path / "ok"), "train")
     assert (info.channels, info.image_size, tuple(images.shape)) == (1, 4, (2, 1, 4, 4))
@@ -229,7 +233,7 @@ def test_other_arguments_need_overwrite_which_removes_stale_shards(tmp_path: Pat
         prepare_dataset(source, src, out, shard_size=100)
     info = prepare_dataset(source, src, out, shard_size=100, overwrite=True)
     on_disk = sorted(p.name for p in (tmp_path / "out" / "train").iterdir())
-    assert on_disk == info.splits["train"].shards == ["shard-000000.tar"]
+    assert [f"train/{name}" for name in on_disk] == info.splits["train"].filenames == ["train/shard-000000.tar"]
 
 
 def test_memory_filesystem_root_goes_through_the_fsspec_opener(tmp_path: Path) -> None:
@@ -239,7 +243,7 @@ def test_memory_filesystem_root_goes_through_the_fsspec_opener(tmp_path: Path) -
         info = prepare_dataset(source, src, root, shard_size=3)
         images, labels, _ = load_split(root, "test")
         assert torch.equal(images, _chw(expected["test"][0]))
-        urls = shard_urls(root, info, "train")
+        urls = list(info.shard_list(root, "train").urls)
         only_first = list(iter_samples(urls, classes=None, nodesplitter=lambda shards: list(shards)[:1]))
         assert [key for key, _, _ in only_first] == ["train-00000000", "train-00000001", "train-00000002"]
     finally:
@@ -270,7 +274,7 @@ def test_truncated_shard_names_the_shard(tmp_path: Path) -> None:
     source, src, _, _ = idx_case(tmp_path)
     out = str(tmp_path / "out")
     info = prepare_dataset(source, src, out, shard_size=4)
-    shard = Path(shard_urls(out, info, "train")[0])
+    shard = Path(list(info.shard_list(out, "train").urls)[0])
     whole = shard.read_bytes()
     with tarfile.open(shard) as tar:
         members = tar.getmembers()

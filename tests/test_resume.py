@@ -25,7 +25,8 @@ from edc_ray.pipeline.evaluation import EvalSet, fit_seed
 from edc_ray.pipeline.synthesis import unit_samples
 from edc_ray.storage.prepare import prepare_dataset
 from edc_ray.storage.run_folder import RunFolder
-from edc_ray.storage.shards import read_info, write_shard
+from edc_ray.storage.dataset_info import read_info
+from edc_ray.storage.shards import write_shard
 from tiny import MEAN, STD, make_tiny, recording_loop
 
 pytestmark = pytest.mark.slow
@@ -227,7 +228,7 @@ def evaluation_setup(imagefolder: str, tmp_path: Path, epochs: int, eval_every: 
     """A tiny prepared dataset, a 6-image distilled set, one untrained teacher and an evaluation config."""
     data_root = str(tmp_path / "data")
     prepare_dataset("imagefolder", imagefolder, data_root, shard_size=25)
-    assert read_info(data_root).splits["test"].shard_counts == [25, 5]
+    assert read_info(data_root).splits["test"].shard_lengths == [25, 5]
     images, labels = make_tiny(per_class=2, seed=3)
     run = RunFolder(str(tmp_path / "run"))
     distilled = run.unit_shard(0)

@@ -15,7 +15,9 @@ from edc_ray.pipeline.run import run_pipeline
 from edc_ray.storage import fsio
 from edc_ray.storage.prepare import prepare_dataset
 from edc_ray.storage.run_folder import RunFolder
-from edc_ray.storage.shards import ShardReadError, encode_png, iter_samples, load_split, read_info, write_shard
+from edc_ray.storage.dataset_info import read_info
+from edc_ray.storage.images import encode_png
+from edc_ray.storage.shards import ShardReadError, iter_samples, load_split, write_shard
 from test_pipeline import tiny_config
 from tiny import make_tiny
 
@@ -55,11 +57,11 @@ def test_prepare_digits_to_s3_equals_local(s3_server, tmp_path):
     local = prepare_dataset("digits", None, str(tmp_path / "digits"), shard_size=500)
     assert remote == local
     objects = objects_under(root)
-    assert sorted(objects) == sorted(["_info.json"] + [f"{split}/{shard}" for split, info in local.splits.items()
-                                                      for shard in info.shards])
+    assert sorted(objects) == sorted(["_info.json"] + [shard for info in local.splits.values()
+                                                      for shard in info.filenames])
     for split, info in local.splits.items():
-        for shard in info.shards:  # deterministic shards: the same bytes on both sides
-            assert objects[f"{split}/{shard}"] == (tmp_path / "digits" / split / shard).read_bytes()
+        for shard in info.filenames:  # deterministic shards: the same bytes on both sides
+            assert objects[shard] == (tmp_path / "digits" / shard).read_bytes()
         remote_images, remote_labels, remote_keys = load_split(root, split)
         local_images, local_labels, local_keys = load_split(str(tmp_path / "digits"), split)
         assert torch.equal(remote_images, local_images) and torch.equal(remote_labels, local_labels)

@@ -15,7 +15,8 @@ from edc_ray.pipeline.statistics import Products, run_statistics_task, statistic
 from edc_ray.pipeline.synthesis import synthesis_stage
 from edc_ray.storage.prepare import prepare_dataset
 from edc_ray.storage.run_folder import RunFolder
-from edc_ray.storage.shards import iter_raw_samples, iter_samples, read_info, shard_urls
+from edc_ray.storage.dataset_info import read_info
+from edc_ray.storage.shards import iter_raw_samples, iter_samples
 
 pytestmark = pytest.mark.slow
 NAMES = ("0-convnet_d2", "1-convnet_bn")
@@ -53,7 +54,7 @@ def single_pass(cfg, dataset, observers):
     models, _ = load_models(observers, meta)
     scan = StatisticsPass(models, meta.num_classes, cfg.statistics, meta.mean, meta.std)
     keys, labels, losses = [], [], []
-    for url in shard_urls(dataset, info, "train"):  # one shard per batch, as the tasks' loaders make them
+    for url in list(info.shard_list(dataset, "train").urls):  # one shard per batch, as the tasks' loaders make them
         samples = list(iter_samples([url]))
         images, y = torch.stack([s[1] for s in samples]), torch.tensor([s[2] for s in samples])
         losses.append(scan.add(images, y))
@@ -86,7 +87,7 @@ def test_streamed_statistics_equal_a_single_pass_exactly(dataset, observers, tmp
         stored = run.class_candidates(c)
         assert stored.keys == [keys[i] for i in picked]
         assert torch.allclose(stored.losses, losses[picked].float(), atol=1e-6)
-        raw = {s.key: s.fields["png"] for s in iter_raw_samples(shard_urls(dataset, info, "train"))}
+        raw = {s.key: s.fields["png"] for s in iter_raw_samples(list(info.shard_list(dataset, "train").urls))}
         assert stored.payloads == [raw[keys[i]] for i in picked]  # the original encoded bytes
     assert not run.exists("stats", "parts")
 
@@ -98,7 +99,7 @@ def test_rerun_after_a_killed_task_redoes_only_that_task(dataset, observers, tmp
     reference = RunFolder(str(tmp_path / "reference"))
     statistics_stage(config(dataset, reference.root), reference, info, meta, observers)
     groups = task_plan(run, cfg, info, observers)
-    counts = dict(zip(shard_urls(dataset, info, "train"), info.splits["train"].shard_counts))
+    counts = dict(zip(list(info.shard_list(dataset, "train").urls), info.splits["train"].shard_lengths))
     run_statistics_task(run, 0, groups[0], {u: counts[u] for u in groups[0]}, observers, cfg, meta,
                         None, Products(sums=True, candidates=True), device="cpu")  # task 0 finished...
     torn = run.task_path(1, "sums-00000.pt")
@@ -161,9 +162,9 @@ class RecordingRunFolder(RunFolder):
         self._record("statistics", label)
         return super().class_statistics(label)
 
-    def class_candidates(self, label: int):
+    def class_candidates(self, label: int, decode=None):
         self._record("candidates", label)
-        return super().class_candidates(label)
+        return super().class_candidates(label, decode)
 
 
 ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # the actors get this class by value

@@ -1,4 +1,6 @@
 """Streaming shards split by rank and dataloader worker: partitions, equal steps, exact validation."""
+import itertools
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from edc_ray.pipeline.evaluation import report_interval
 from edc_ray.pipeline.streaming import (rank_sample_counts, shuffled, split_stream,
                                         steps_every_rank_can_take)
 from edc_ray.storage.prepare import prepare_dataset
-from edc_ray.storage.shards import load_split
+from edc_ray.storage.shards import SampleSpec, load_split
 
 
 @pytest.mark.parametrize("steps_per_epoch, epochs_between_reports",
@@ -39,8 +41,8 @@ def test_shuffle_buffer_is_a_seeded_permutation():
 @pytest.mark.parametrize("world, workers", [(1, 0), (2, 0), (3, 2)])
 def test_ranks_and_workers_partition_the_split(digits, world, workers):
     root, info = digits
-    labels = torch.cat([y for r in range(world) for _, y in split_stream(root, "test", r, world, 32, workers)])
-    assert len(labels) == info.splits["test"].count
+    labels = torch.cat([y for r in range(world) for _, y in split_stream(info.shard_list(root, "test"), SampleSpec.of(info), r, world, 32, workers)])
+    assert len(labels) == info.splits["test"].num_samples
     assert torch.equal(torch.bincount(labels, minlength=10),
                        torch.tensor(info.splits["test"].counts_per_class))
 
@@ -52,6 +54,14 @@ def test_streamed_validation_equals_single_process(digits, world):
     model = create_model("convnet_d2", 10, 1, 8).eval()
     images, labels, _ = load_split(root, "test")
     expected = evaluate_counts(model, images, labels, info.mean, info.std)
-    parts = [count_correct(model, split_stream(root, "test", r, world, 64), info.mean, info.std)
+    parts = [count_correct(model, split_stream(info.shard_list(root, "test"), SampleSpec.of(info), r, world, 64), info.mean, info.std)
              for r in range(world)]
     assert (sum(p[0] for p in parts), sum(p[1] for p in parts)) == expected
+
+
+def test_a_repeating_stream_never_runs_short(digits):
+    root, info = digits
+    shards = info.shard_list(root, "test")
+    stream = split_stream(shards, SampleSpec.of(info), 0, 1, 100, shuffle=20, seed=1, repeat=True)
+    batches = [y for _, y in itertools.islice(stream, 8)]  # 800 samples from a split of 360
+    assert len(batches) == 8 and all(len(y) == 100 for y in batches)

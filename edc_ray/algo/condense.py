@@ -149,8 +149,9 @@ def initial_images(cands: Candidates, classes: Sequence[int], ipc: int, cfg: Con
         if cfg.init.mode == "mosaic":
             x = normalize(own.images().to(device), mean, std)
             mosaics, _ = mosaic_init(models, x, own.labels.to(device), ipc, cfg.init.factor,
-                                     cfg.init.crops_per_image, shuffle=cfg.init.shuffle_patches,
-                                     generator=generator)
+                                     cfg.init.crops_per_image, tuple(cfg.init.crop_scale),
+                                     shuffle=cfg.init.shuffle_patches, generator=generator,
+                                     flip=cfg.init.crop_flip, one_crop_per_image=cfg.init.one_crop_per_image)
             xs.append(mosaics)
         elif cfg.init.mode == "random":
             by_priority = bottom_k(own, ipc)

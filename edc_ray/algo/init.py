@@ -65,11 +65,13 @@ def shuffle_patches(images: torch.Tensor, factor: int, generator: torch.Generato
 
 
 def mosaic_init(models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor, ipc: int,
-                factor: int = 2, crops_per_image: int = 4, scale: tuple[float, float] = (0.5, 1.0),
-                shuffle: bool = False, generator: torch.Generator | None = None, chunk: int = 64
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RDED-style init for large images: score RandomResizedCrops of the candidates, keep the
-    ipc * f**2 lowest-loss crops per class, shrink each to res / f and stitch f x f mosaics.
+                factor: int = 2, crops_per_image: int = 4, scale: tuple[float, float] = (0.08, 1.0),
+                shuffle: bool = False, generator: torch.Generator | None = None, chunk: int = 64,
+                flip: bool = True, one_crop_per_image: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """RDED-style init for large images: score RandomResizedCrops (area fraction in `scale`, flipped
+    at random with `flip`) of the candidates, keep the ipc * f**2 lowest-loss crops per class, shrink
+    each to res / f and stitch f x f mosaics. With `one_crop_per_image` only each image's lowest-loss
+    crop competes (RDED's selection), so no two tiles come from one image.
 
     Candidates are cropped and scored `chunk` images at a time, keeping only the running lowest-loss
     tiles (already shrunk), so memory holds one chunk's crops, not crops_per_image x all candidates.
@@ -82,14 +84,22 @@ def mosaic_init(models: Sequence[nn.Module], images: torch.Tensor, labels: torch
     for start in range(0, len(images), chunk):
         crop_labels = labels[start:start + chunk].repeat_interleave(crops_per_image)
         crops = images[start:start + chunk].repeat_interleave(crops_per_image, 0)
-        crops = apply_crops(crops, random_crop_thetas(crops, scale, flip=False, generator=generator))
+        crops = apply_crops(crops, random_crop_thetas(crops, scale, flip=flip, generator=generator))
         losses = candidate_losses(models, crops, crop_labels)
+        if one_crop_per_image:  # the best of each image's crops_per_image consecutive crops
+            best = losses.view(-1, crops_per_image).argmin(1) + torch.arange(
+                0, len(losses), crops_per_image, device=losses.device)
+            crop_labels, crops, losses = crop_labels[best], crops[best], losses[best]
         shrunk = F.interpolate(crops, size=(height // factor, width // factor), mode="bilinear",
                                antialias=True, align_corners=False)
         tiles, tile_labels, tile_losses = (torch.cat([tiles, shrunk]), torch.cat([tile_labels, crop_labels]),
                                            torch.cat([tile_losses, losses]))
         keep = lowest_per_class(tile_losses, tile_labels, keep_per_class)
         tiles, tile_labels, tile_losses = tiles[keep], tile_labels[keep], tile_losses[keep]
+    for c in torch.unique(labels).tolist():
+        if (found := int((tile_labels == c).sum())) < keep_per_class:
+            raise ValueError(f"class {c}: {ipc} mosaics of {factor}x{factor} tiles need {keep_per_class} crops, its "
+                             f"candidates gave {found}: raise init.candidates_per_class (or crops_per_image)")
     mosaics = stitch_mosaic(tiles, factor)
     if shuffle:
         mosaics = shuffle_patches(mosaics, factor, generator)

@@ -29,7 +29,7 @@ from edc_ray.pipeline.statistics import needs_sums, stored_statistics
 from edc_ray.pipeline.synthesis import UnitWorker
 from edc_ray.storage import fsio
 from edc_ray.storage.run_folder import RunFolder
-from edc_ray.storage.shards import read_info, shard_urls
+from edc_ray.storage.dataset_info import read_info
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"no shared observers and statistics for {args.dataset} under {grid.output}: run a "
                          f"cell first, e.g. python jobs/benchmark.py --grid {args.grid} --datasets "
                          f"{args.dataset} --methods edc --ipc {args.ipc}")
-    info = read_info(cfg.data.root)
-    meta = DatasetMeta.from_info(info)
+    info = read_info(cfg.data.root, cfg.data.classes)
+    meta = DatasetMeta.from_info(info, cfg.data)
     models = [model for _, model in load_observers(cfg, RunFolder(folders["observers"]), meta)]
     start = time.perf_counter()
     chosen = selected(models, cfg.synthesis.observers)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
              for u, classes in enumerate(make_units(meta.num_classes, cfg.synthesis.classes_per_unit))]
     images, labels = torch.cat([u[0] for u in units]), torch.cat([u[1] for u in units])
     synthesis_s = time.perf_counter() - start
-    val = load_images(shard_urls(cfg.data.root, info, cfg.data.val_split))
+    val = load_images(list(info.shard_list(cfg.data.root, cfg.data.val_split).urls), meta.spec("val"))
     teachers = models if cfg.evaluation.teachers is None else [models[i] for i in cfg.evaluation.teachers]
     accuracies = []
     for seed in args.seeds:

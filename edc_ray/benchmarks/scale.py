@@ -38,7 +38,9 @@ from edc_ray.pipeline.statistics import statistics_stage
 from edc_ray.pipeline.synthesis import SynthesisWorker
 from edc_ray.storage import fsio
 from edc_ray.storage.run_folder import RunFolder
-from edc_ray.storage.shards import DatasetInfo, SplitInfo, encode_png, read_info, write_info, write_shard
+from edc_ray.storage.dataset_info import DatasetInfo, SplitInfo, read_info, write_info
+from edc_ray.storage.images import encode_png
+from edc_ray.storage.shards import write_shard
 
 CLASSES, SIZE, SHARD = 1000, 32, 1000
 ARCHS = ("torchvision:resnet18", "torchvision:mobilenet_v2")
@@ -67,12 +69,12 @@ def generate(root: str, images: int, seed: int = 0) -> DatasetInfo:
         for start in range(0, count, SHARD):
             batch = labels[start:start + SHARD]
             pixels = class_images(batch, rng)
-            name = f"shard-{len(shards):06d}.tar"
-            shard_counts.append(write_shard(fsio.join(root, split, name), (
+            name = f"{split}/shard-{len(shards):06d}.tar"
+            shard_counts.append(write_shard(fsio.join(root, name), (
                 {"__key__": f"{split}-{start + i:08d}", "png": encode_png(pixels[i]), "cls": int(y)}
                 for i, y in enumerate(batch))))
             shards.append(name)
-        splits[split] = SplitInfo(count, np.bincount(labels, minlength=CLASSES).tolist(), shards, shard_counts)
+        splits[split] = SplitInfo(split, count, shards, shard_counts, np.bincount(labels, minlength=CLASSES).tolist())
     info = DatasetInfo("imagenet-shaped", [f"n{c:08d}" for c in range(CLASSES)], SIZE, 3, [0.5] * 3, [0.25] * 3,
                        splits, {"generator": "edc_ray.benchmarks.scale", "images": images, "seed": seed})
     write_info(root, info)

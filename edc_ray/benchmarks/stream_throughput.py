@@ -62,12 +62,15 @@ def read_pass(root: str, split: str) -> int:
 def validate_pass(root: str, split: str, model: torch.nn.Module, batch_size: int) -> int:
     """A single-rank validation pass (stream + forward); returns how many images were classified."""
     from edc_ray.algo.student import count_correct
+    from edc_ray.pipeline.common import DatasetMeta
     from edc_ray.pipeline.streaming import split_stream
-    from edc_ray.storage.shards import read_info
+    from edc_ray.storage.dataset_info import read_info
 
     info = read_info(root)
+    meta = DatasetMeta.from_info(info)
     with torch.no_grad():
-        _, total = count_correct(model, split_stream(root, split, 0, 1, batch_size), info.mean, info.std)
+        stream = split_stream(info.shard_list(root, split), meta.spec("val"), 0, 1, batch_size)
+        _, total = count_correct(model, stream, meta.mean, meta.std)
     return total
 
 
@@ -119,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             with environ(server.environment()):
                 remote = server.url("bench")
                 copy_split_to_s3(root, args.split, remote)
-                from edc_ray.storage.shards import read_info
+                from edc_ray.storage.dataset_info import read_info
 
                 info = read_info(root)
-                print(f"{info.name} {args.split}: {info.splits[args.split].count} images in "
-                      f"{len(info.splits[args.split].shards)} shards; S3 at {server.endpoint}; "
+                print(f"{info.name} {args.split}: {info.splits[args.split].num_samples} images in "
+                      f"{len(info.splits[args.split].filenames)} shards; S3 at {server.endpoint}; "
                       f"torch threads {args.threads}", flush=True)
                 print(report("read", measure({"disk": lambda: read_pass(root, args.split),
                                               "s3": lambda: read_pass(remote, args.split)}, args.repeats)),

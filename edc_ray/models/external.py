@@ -30,18 +30,19 @@ class TimmLibrary:
         return timm.is_model(name)
 
     def create(
-        self, name: str, num_classes: int, in_chans: int, image_size: int, pretrained: bool, **kwargs: Any
+        self, name: str, num_classes: int, in_chans: int, image_size: int, pretrained: bool | str, **kwargs: Any
     ) -> nn.Module:
-        """``timm.create_model``; ``img_size`` is passed only to fixed-input-size models such as ViTs,
+        """``timm.create_model`` (``pretrained``: True, or a weights tag); ``img_size`` is passed only to fixed-input-size models such as ViTs,
         whose position embeddings depend on it (convolutional timm models reject the argument)."""
         import timm
 
         cfg = timm.get_pretrained_cfg(name)
         if cfg is not None and cfg.fixed_input_size:
             kwargs.setdefault("img_size", image_size)
-        with _explain_download_failure(f"timm:{name}", pretrained):
+        tagged = f"{name}.{pretrained}" if isinstance(pretrained, str) else name
+        with _explain_download_failure(f"timm:{tagged}", bool(pretrained)):
             return timm.create_model(
-                name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+                tagged, pretrained=bool(pretrained), num_classes=num_classes, in_chans=in_chans, **kwargs
             )
 
 
@@ -56,13 +57,15 @@ class TorchvisionLibrary:
         return name in models.list_models(module=models)
 
     def create(
-        self, name: str, num_classes: int, in_chans: int, image_size: int, pretrained: bool, **kwargs: Any
+        self, name: str, num_classes: int, in_chans: int, image_size: int, pretrained: bool | str, **kwargs: Any
     ) -> nn.Module:
-        """``torchvision.models.get_model`` with the default weights when ``pretrained``. ``image_size`` is
-        unused: the classification models pool globally."""
+        """``torchvision.models.get_model`` with the weights ``pretrained`` names (``True``: the default).
+        ``image_size`` is unused: the classification models pool globally."""
         from torchvision import models
 
-        weights = models.get_model_weights(name).DEFAULT if pretrained else None
+        from edc_ray.models.pretrained import _torchvision_weights
+
+        weights = _torchvision_weights(name, pretrained) if pretrained else None
         with _explain_download_failure(f"torchvision:{name}", pretrained):
             model = models.get_model(name, weights=weights, num_classes=num_classes, **kwargs)
         if in_chans != 3:
@@ -100,7 +103,7 @@ def adapt_first_conv(model: nn.Module, in_chans: int) -> None:
 
 
 @contextmanager
-def _explain_download_failure(model_name: str, pretrained: bool) -> Iterator[None]:
+def _explain_download_failure(model_name: str, pretrained: bool | str) -> Iterator[None]:
     # network failures surface as OSError subclasses (URLError, requests' ConnectionError, the Hugging Face
     # hub's LocalEntryNotFoundError); anything else is not a download problem and passes through unchanged
     try:

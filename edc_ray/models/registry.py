@@ -19,7 +19,7 @@ class ExternalLibrary(Protocol):
         """Whether the library knows the architecture ``name``."""
 
     def create(
-        self, name: str, num_classes: int, in_chans: int, image_size: int, pretrained: bool, **kwargs: Any
+        self, name: str, num_classes: int, in_chans: int, image_size: int, pretrained: bool | str, **kwargs: Any
     ) -> nn.Module:
         """Build the architecture ``name`` with a ``num_classes``-way head for ``in_chans``-channel input."""
 
@@ -74,13 +74,13 @@ def create_model(
     num_classes: int,
     in_chans: int = 3,
     image_size: int = 32,
-    pretrained: bool = False,
+    pretrained: bool | str = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build the architecture ``name`` as a ``num_classes``-way classifier of ``in_chans`` x ``image_size``²
     images. Extra ``kwargs`` go to the builder (e.g. ``width=64`` for ConvNets).
 
-    ``pretrained`` is only available for external names and needs the network (see
+    ``pretrained`` (True or a weights name) is only available for external names and may need the network (see
     :class:`~edc_ray.models.external.PretrainedWeightsError`). The returned module carries its registry
     name as ``model.arch_name`` so later errors can name it.
     """

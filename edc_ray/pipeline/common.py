@@ -11,23 +11,58 @@ import torch
 from torch import nn
 
 from edc_ray.models import create_model
-from edc_ray.storage.shards import DatasetInfo
+from edc_ray.config import DataConfig
+from edc_ray.models.pretrained import Preprocessing
+from edc_ray.storage.dataset_info import DatasetInfo
+from edc_ray.storage.images import ImageFit
+from edc_ray.storage.shards import SampleSpec
 
 
 @dataclass(frozen=True)
 class DatasetMeta:
-    """What every worker needs to know about the dataset to build models and normalise images."""
+    """What every worker needs to know about the dataset to build models, normalise and read images.
+
+    `any_size`: the dataset's images have any size and are fitted to `image_size` as they are read
+    (`train_crop` / `train_crop_scale` for training views, `val_resize_ratio` for validation views
+    and candidates).
+    """
 
     num_classes: int
     channels: int
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    any_size: bool = False
+    train_crop: str = "random_resized"
+    train_crop_scale: tuple[float, float] = (0.08, 1.0)
+    val_resize_ratio: float = 8 / 7
 
     @classmethod
-    def from_info(cls, info: DatasetInfo) -> "DatasetMeta":
-        """From a prepared dataset's `_info.json`."""
-        return cls(len(info.classes), info.channels, info.image_size, tuple(info.mean), tuple(info.std))
+    def from_info(cls, info: DatasetInfo, data: DataConfig | None = None,
+                  pretrained: Preprocessing | None = None) -> "DatasetMeta":
+        """From a dataset's `_info.json` and the `data` config (which gives the size of images of any size);
+        `pretrained` observers bring their own normalisation, which then replaces the dataset's."""
+        data = data or DataConfig()
+        mean, std = (pretrained.mean, pretrained.std) if pretrained is not None else info.normalisation()
+        if info.image_size is not None:
+            return cls(len(info.classes), info.channels, info.image_size, mean, std)
+        if data.image_size is None:
+            raise ValueError("data.image_size is required for a dataset whose images have any size")
+        return cls(len(info.classes), info.channels, data.image_size, mean, std, True, data.train_crop,
+                   tuple(data.train_crop_scale), data.val_resize_ratio)
+
+    def fit(self, view: str, seed: int = 0) -> ImageFit | None:
+        """How images are fitted for a `view` ("train" or "val"); None for fixed-size datasets."""
+        if not self.any_size:
+            return None
+        if view == "train":
+            return ImageFit(self.image_size, self.channels, self.train_crop, self.train_crop_scale,
+                            resize_ratio=self.val_resize_ratio, seed=seed)
+        return ImageFit(self.image_size, self.channels, "center", resize_ratio=self.val_resize_ratio)
+
+    def spec(self, view: str = "val", seed: int = 0) -> SampleSpec:
+        """What the dataset's samples become in a `view` (see `fit`)."""
+        return SampleSpec(self.channels, self.image_size, self.num_classes, self.fit(view, seed))
 
 
 def build_model(arch: str, meta: DatasetMeta) -> nn.Module:

@@ -21,6 +21,7 @@ from edc_ray.pipeline.common import DatasetMeta, ObserverSet, build_model, model
 from edc_ray.pipeline.distributed import (TRAIN_MAX_FAILURES, fit_torch_trainer, latest_state, rank_and_world,
                                           rank_share, report_checkpoint)
 from edc_ray.pipeline.observers import validation_accuracy
+from edc_ray.pipeline.streaming import split_shards
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import SampleSpec, iter_samples
 
@@ -109,8 +110,7 @@ def train_student_loop(config: dict) -> None:
             if (epoch + 1) % report_every == 0:
                 ray.train.report(scores)
             continue
-        top1 = validation_accuracy(trainer.ema.module, config["data_root"], config["val_split"], meta,
-                                   ecfg.val_batch_size, device)
+        top1 = validation_accuracy(trainer.ema.module, config["val_shards"], meta, ecfg.val_batch_size, device)
         best = max(best, top1)
         scores.update(top1=top1, best_top1=best)
         if rank == 0:
@@ -159,7 +159,7 @@ def fit_seed(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: Observer
         if cached.get("evaluation_key") == key:
             return cached
     config = {"evaluation": to_dict(cfg.evaluation), "meta": meta.__dict__, "train_urls": list(target.urls),
-              "data_root": cfg.data.root, "val_split": cfg.data.val_split, "seed": seed,
+              "val_shards": split_shards(cfg.data, cfg.data.val_split), "seed": seed,
               "teacher_refs": list(observers.subset(cfg.evaluation.teachers).refs), "student": student,
               "cpus": cfg.ray.train_worker_cpus, "label": run_name(target.label, student), "images": target.images}
     result = fit_torch_trainer(train_student_loop, config, f"{name}-{key}", run.path("eval"),

@@ -7,14 +7,17 @@ import torch
 
 from edc_ray.algo.observer import classifier_step, make_optimizer
 from edc_ray.algo.student import count_correct, normalize
-from edc_ray.config import Config, ObserversConfig, from_dict, settings_key, to_dict
+from edc_ray.config import Config, ConfigError, ObserversConfig, from_dict, settings_key, to_dict
+from edc_ray.errors import DataError
+from edc_ray.models.external import PretrainedWeightsError
+from edc_ray.models.pretrained import Preprocessing, missing_weights, preprocessing
 from edc_ray.models import create_model, load_weights
 from edc_ray.pipeline.common import DatasetMeta, build_model, set_threads
 from edc_ray.pipeline.distributed import (TRAIN_MAX_FAILURES, all_reduce_counts, fit_torch_trainer, latest_state,
                                           rank_and_world, report_checkpoint)
-from edc_ray.pipeline.streaming import split_stream, steps_every_rank_can_take
+from edc_ray.pipeline.streaming import split_shards, split_stream, steps_every_rank_can_take
+from edc_ray.storage.dataset_info import DatasetInfo, ShardList, imagenet_classes
 from edc_ray.storage.run_folder import RunFolder
-from edc_ray.storage.shards import read_info
 
 STREAM_SHUFFLE = 2000  # samples in each rank's shuffle buffer while training observers
 
@@ -30,11 +33,11 @@ def observers_key(cfg: Config) -> str:
     return settings_key({"seed": cfg.seed, "data": to_dict(cfg.data), "observers": to_dict(cfg.observers)})
 
 
-def validation_accuracy(model: torch.nn.Module, root: str, split: str, meta: DatasetMeta, batch_size: int,
+def validation_accuracy(model: torch.nn.Module, shards: ShardList, meta: DatasetMeta, batch_size: int,
                         device: torch.device) -> float:
-    """Top-1 (%) over the split, each rank streaming its share of the shards, summed over all ranks."""
+    """Top-1 (%) over the split's `shards`, each rank streaming its share, summed over all ranks."""
     rank, world = rank_and_world()
-    batches = split_stream(root, split, rank, world, batch_size)
+    batches = split_stream(shards, meta.spec("val"), rank, world, batch_size)
     correct, total = all_reduce_counts(*count_correct(model, batches, meta.mean, meta.std, device))
     return 100.0 * correct / max(1, total)
 
@@ -58,9 +61,9 @@ def train_observers_loop(config: dict) -> None:
     ocfg = from_dict(ObserversConfig, config["observers"])
     meta = DatasetMeta(**config["meta"])
     run = RunFolder(config["run_dir"])
-    root, split = config["data_root"], config["train_split"]
+    shards: ShardList = config["train_shards"]
     local_batch = max(1, ocfg.batch_size // world)
-    steps = steps_every_rank_can_take(read_info(root).splits[split].shard_counts, world, local_batch)
+    steps = steps_every_rank_can_take(shards.estimated_lengths(), world, local_batch)
     state = latest_state(rank)
     todo = [(k, name, arch) for k, (name, arch) in enumerate(zip(config["names"], config["archs"]))
             if not run.exists("observers", f"{name}.json")]  # decided before any rank writes one
@@ -73,8 +76,9 @@ def train_observers_loop(config: dict) -> None:
         if state and state["observer"] == name:
             start = _restore(state, model, optimizer, scheduler, augment)
         for epoch in range(start, ocfg.epochs):
-            stream = split_stream(root, split, rank, world, local_batch, shuffle=STREAM_SHUFFLE,
-                                  seed=config["seed"] + 7919 * epoch + k)
+            epoch_seed = config["seed"] + 7919 * epoch + k
+            stream = split_stream(shards, meta.spec("train", seed=epoch_seed), rank, world, local_batch,
+                                  shuffle=STREAM_SHUFFLE, seed=epoch_seed, repeat=True)
             losses = [classifier_step(model, optimizer, scheduler, normalize(images.to(device), meta.mean,
                                                                                 meta.std),
                                       labels.to(device), ocfg, augment)
@@ -84,7 +88,7 @@ def train_observers_loop(config: dict) -> None:
             if rank == 0:
                 print(f"[observers] {name} epoch {epoch + 1}/{ocfg.epochs} loss {scores['loss']:.4f}", flush=True)
         plain = getattr(model, "module", model)
-        accuracy = validation_accuracy(plain, root, config["val_split"], meta, 500, device)
+        accuracy = validation_accuracy(plain, config["val_shards"], meta, 500, device)
         if rank == 0:
             save_observer(run, name, arch, plain, accuracy, trained_epochs=ocfg.epochs)
             print(f"[observers] {name} test top-1 {accuracy:.2f}%", flush=True)
@@ -125,9 +129,9 @@ def observers_stage(cfg: Config, run: RunFolder, meta: DatasetMeta) -> list[tupl
     for name, spec in zip(names, cfg.observers.models):
         if run.exists("observers", f"{name}.json"):
             continue
-        if spec.weights or spec.pretrained:
+        if spec.weights or spec.pretrained:  # a weights file holds the pretrained weights when both are set
             model = create_model(spec.arch, meta.num_classes, meta.channels, meta.image_size,
-                                 pretrained=spec.pretrained)
+                                 pretrained=spec.pretrained and not spec.weights)
             if spec.weights:
                 load_weights(model, spec.weights)
             save_observer(run, name, spec.arch, model, None, source=spec.weights or "pretrained")
@@ -135,14 +139,54 @@ def observers_stage(cfg: Config, run: RunFolder, meta: DatasetMeta) -> list[tupl
             to_train.append((name, spec.arch))
     if to_train:
         config = {"observers": to_dict(cfg.observers), "meta": meta.__dict__, "run_dir": run.root,
-                  "data_root": cfg.data.root, "train_split": cfg.data.train_split,
-                  "val_split": cfg.data.val_split, "names": [n for n, _ in to_train],
+                  "train_shards": split_shards(cfg.data, cfg.data.train_split),
+                  "val_shards": split_shards(cfg.data, cfg.data.val_split), "names": [n for n, _ in to_train],
                   "archs": [a for _, a in to_train], "seed": cfg.seed, "cpus": cfg.ray.train_worker_cpus}
         fit_torch_trainer(train_observers_loop, config, f"observers-{observers_key(cfg)}", run.path("eval"),
                           cfg.ray.train_workers, cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus,
                           max_failures=TRAIN_MAX_FAILURES, placement_timeout_s=cfg.ray.placement_timeout_s,
                           checkpoints_to_keep=1)
     return load_observers(cfg, run, meta)
+
+
+def check_pretrained_weights(cfg: Config) -> None:
+    """Before any work: every pretrained observer without a weights file has its file in torch's hub
+    cache, or a `PretrainedWeightsError` names the file to fetch and where to put it."""
+    for k, spec in enumerate(cfg.observers.models):
+        if spec.pretrained and not spec.weights and (problem := missing_weights(spec.arch, spec.pretrained)):
+            raise PretrainedWeightsError(f"observers.models[{k}]: {problem}")
+
+
+def pretrained_preprocessing(cfg: Config, info: DatasetInfo) -> Preprocessing | None:
+    """The preprocessing the pretrained observers share (None: there are none), checked against the dataset.
+
+    Their normalisation and validation resize ratio replace the dataset's (they were trained with
+    them); observers that disagree are a config error, and so is a dataset whose classes are not the
+    ones the observers classify (ImageNet-1k's, in sorted-wnid order) or a `data.val_resize_ratio`
+    other than theirs.
+    """
+    found = [(k, spec.arch, preprocessing(spec.arch, spec.pretrained))
+             for k, spec in enumerate(cfg.observers.models) if spec.pretrained]
+    if not found:
+        return None
+    k0, arch0, first = found[0]
+    for k, arch, pre in found[1:]:
+        if (pre.mean, pre.std, pre.resize_ratio) != (first.mean, first.std, first.resize_ratio):
+            raise ConfigError(f"observers.models[{k}] ({arch}) was trained with mean {pre.mean}, std {pre.std}, "
+                              f"resize ratio {pre.resize_ratio:.4f}, observers.models[{k0}] ({arch0}) with "
+                              f"{first.mean}, {first.std}, {first.resize_ratio:.4f}: one run needs one of them")
+    if first.num_classes == 1000 and info.classes != imagenet_classes():
+        shown = ", ".join(info.classes[:3])
+        raise DataError(f"the pretrained observers classify ImageNet-1k's 1000 classes in sorted-wnid order, but "
+                        f"dataset {info.name!r} has {len(info.classes)} classes ({shown}, ...): give the dataset's "
+                        "labels in that order (data.classes: imagenet-1k, or a file of wnids)")
+    if first.num_classes != len(info.classes):
+        raise DataError(f"the pretrained observers classify {first.num_classes} classes, dataset {info.name!r} "
+                        f"has {len(info.classes)}")
+    if abs(cfg.data.val_resize_ratio - first.resize_ratio) > 1e-6:
+        raise ConfigError(f"data.val_resize_ratio: {cfg.data.val_resize_ratio} differs from the pretrained "
+                          f"observers' {first.resize_ratio} (their validation resize / crop)")
+    return first
 
 
 def load_observers(cfg: Config, run: RunFolder, meta: DatasetMeta) -> list[tuple[str, torch.nn.Module]]:

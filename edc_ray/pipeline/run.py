@@ -20,7 +20,8 @@ from edc_ray.errors import DataError
 from edc_ray.pipeline.cluster import check_shared_paths, wait_for_room
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, observer_payload
 from edc_ray.pipeline.evaluation import EvalSet, evaluate_sets, load_images
-from edc_ray.pipeline.observers import observer_names, observers_stage
+from edc_ray.pipeline.observers import (check_pretrained_weights, observer_names, observers_stage,
+                                       pretrained_preprocessing)
 from edc_ray.pipeline.report import PREVIEW_CLASSES, config_hash, write_report
 from edc_ray.pipeline.statistics import statistics_stage
 from edc_ray.pipeline.synthesis import (SynthesisResult, baseline_folder, random_baseline_config,
@@ -30,23 +31,28 @@ from edc_ray.storage.export import export_imagefolder, imagefolder_shard
 from edc_ray.storage.prepare import ensure_prepared
 from edc_ray.storage.lease import RunLease
 from edc_ray.storage.run_folder import RunFolder
-from edc_ray.storage.shards import DatasetInfo, read_info
+from edc_ray.storage.dataset_info import DatasetInfo, read_info
 
 
 def prepare_data(cfg: Config) -> DatasetInfo:
-    """The dataset's info, preparing it on first use; checks the configured image size against it."""
+    """The dataset's info, preparing it on first use (as `ray.stats_tasks` Ray tasks); checks the configured
+    image size and splits against it. Shards prepared elsewhere (timm's layout) are read in place."""
     if fsio.exists(fsio.join(cfg.data.root, "_info.json")) or cfg.data.source is None:
-        info = read_info(cfg.data.root)
+        info = read_info(cfg.data.root, cfg.data.classes)
     else:
-        info = ensure_prepared(cfg.data.source, cfg.data.src, cfg.data.root, shard_size=cfg.data.shard_size)
-    if cfg.data.image_size is not None and cfg.data.image_size != info.image_size:
+        info = ensure_prepared(cfg.data.source, cfg.data.src, cfg.data.root, shard_size=cfg.data.shard_size,
+                               tasks=cfg.ray.stats_tasks)
+    if info.image_size is None and cfg.data.image_size is None:
+        raise ConfigError(f"data.image_size: the images of {cfg.data.root!r} have any size, so set the size "
+                          "they are read at (e.g. 224 for ImageNet)")
+    if info.image_size is not None and cfg.data.image_size not in (None, info.image_size):
         raise ConfigError(f"data.image_size: {cfg.data.image_size} does not match the dataset at "
                           f"{cfg.data.root!r}, whose images are {info.image_size}x{info.image_size}")
     for key in ("train_split", "val_split"):
-        split = getattr(cfg.data, key)
-        if split not in info.splits:
-            raise ConfigError(f"data.{key}: {split!r} is not a split of {cfg.data.root!r}; "
-                              f"it has {sorted(info.splits)}")
+        try:
+            info.split(getattr(cfg.data, key))
+        except ValueError as exn:
+            raise ConfigError(f"data.{key}: {exn}") from None
     return info
 
 
@@ -165,10 +171,11 @@ def session(cfg: Config, break_lease: bool = False) -> Iterator[Session]:
     lease = None
     try:
         check_shared_paths(cfg)  # before any work: the other nodes could not see node-local paths
+        check_pretrained_weights(cfg)  # and before it: a missing weights file is named now
         stage = StageTimer()
         with stage("prepare"):
             info = prepare_data(cfg)
-        meta = DatasetMeta.from_info(info)
+        meta = DatasetMeta.from_info(info, cfg.data, pretrained_preprocessing(cfg, info))
         run = RunFolder(cfg.output.run_dir)
         taken = RunLease(run.root)
         taken.acquire(break_lease)  # before the first write into the run folder

@@ -32,8 +32,8 @@ from edc_ray.pipeline.common import DatasetMeta, ObserverSet, PeakMemory, load_m
 from edc_ray.storage import fsio
 from edc_ray.storage.candidates import fetch_payloads, raw_source, read_candidates, write_candidates
 from edc_ray.storage.run_folder import CLASSES_PER_BLOCK, RunFolder, load_torch_bytes, torch_bytes
-from edc_ray.storage.shards import (DatasetInfo, SampleSpec, check_label, decode_sample, iter_raw_samples,
-                                    shard_urls)
+from edc_ray.storage.dataset_info import DatasetInfo
+from edc_ray.storage.shards import SampleSpec, check_label, decode_sample, iter_raw_samples
 
 
 def needs_sums(cfg: Config) -> bool:
@@ -132,7 +132,7 @@ def run_statistics_task(run: RunFolder, task: int, urls: list[str], counts: dict
         scan = StatisticsPass(models, meta.num_classes, cfg.statistics, meta.mean, meta.std, device) \
             if products.sums else None
         reservoir = CandidateReservoir(meta.num_classes, k, hold_below)
-        spec = SampleSpec(meta.channels, meta.image_size, meta.num_classes)
+        spec = meta.spec("train", seed=cfg.seed)  # images of any size: a reproducible crop per sample
         loader = DataLoader(TaskSamples(urls, counts, cfg.seed, decode=products.sums, spec=spec),
                             batch_size=cfg.statistics.batch_size, collate_fn=collate_samples,
                             num_workers=min(cfg.statistics.loader_workers, len(urls)),
@@ -220,7 +220,7 @@ def _merge(run: RunFolder, block: int, tasks: int, observers: ObserverSet, cfg: 
                     for name, state in load_torch_bytes(fsio.read_bytes(url), url).items()}
             sums = part if sums is None else {name: sums[name].merge(part[name]) for name in part}
         if cands is not None:
-            part_cands = read_candidates([run.task_path(task, f"candidates-{block:05d}.tar")])
+            part_cands = read_candidates([run.task_path(task, f"candidates-{block:05d}.tar")], meta.spec().decode)
             cands = bottom_k(Candidates.concat([cands, part_cands]), k)
     fetched = 0
     if cands is not None:
@@ -264,7 +264,7 @@ def task_plan(run: RunFolder, cfg: Config, info: DatasetInfo, observers: Observe
         if plan["inputs"] == inputs:
             return plan["groups"]
         remove_parts(run)  # computed under other settings: start over
-    urls = shard_urls(cfg.data.root, info, cfg.data.train_split)
+    urls = list(info.shard_list(cfg.data.root, cfg.data.train_split).urls)
     groups = [urls[i::cfg.ray.stats_tasks] for i in range(min(cfg.ray.stats_tasks, len(urls)))]
     fsio.atomic_write_json(plan_url, {"inputs": inputs, "groups": groups})
     return groups
@@ -324,18 +324,19 @@ def statistics_stage(cfg: Config, run: RunFolder, info: DatasetInfo, meta: Datas
         return stored
     need = Products(sums=with_sums, candidates=run.candidates_marker() is None)
     groups = task_plan(run, cfg, info, observers)
-    split = info.splits[cfg.data.train_split]
-    counts = dict(zip(shard_urls(cfg.data.root, info, cfg.data.train_split), split.shard_counts))
+    split = info.split(cfg.data.train_split)
+    counts = split.shard_list(cfg.data.root).expected_counts() or {}  # {}: lengths not recorded, not checked
     resources = {"num_cpus": cfg.ray.stats_cpus, "num_gpus": cfg.ray.stats_gpus}
     todo = [t for t in range(len(groups)) if not ((_part_products(run, t) or Products(False, False)).covers(need))]
-    hold_below = payload_thresholds(split.counts_per_class, cfg.init.candidates_per_class)
+    per_class = split.counts_per_class or [split.num_samples / meta.num_classes] * meta.num_classes
+    hold_below = payload_thresholds(per_class, cfg.init.candidates_per_class)  # an estimate only costs reads
     num_blocks = len(class_blocks(meta.num_classes))
     blocks = [b for b in range(num_blocks) if not ((_block_products(run, b) or Products(False, False)).covers(need))]
     if todo or blocks:  # a resume with nothing left to run must not ask for (GPU) nodes
         wait_for_room("statistics tasks", {"CPU": cfg.ray.stats_cpus, "GPU": cfg.ray.stats_gpus}, 1,
                       cfg.ray.placement_timeout_s)
     summaries = _wait([statistics_task.options(name=f"statistics-{t}", **resources).remote(
-        run, t, groups[t], {u: counts[u] for u in groups[t]}, observers, cfg, meta, hold_below, need)
+        run, t, groups[t], {u: counts[u] for u in groups[t] if u in counts}, observers, cfg, meta, hold_below, need)
         for t in todo], "statistics tasks")
     merges = _wait([merge_task.options(name=f"statistics-merge-{b}", **resources).remote(
         run, b, len(groups), observers, cfg, meta, need) for b in blocks], "statistics merges")
@@ -348,7 +349,7 @@ def statistics_stage(cfg: Config, run: RunFolder, info: DatasetInfo, meta: Datas
         for name, t in state["totals"].items():
             part = StatTotals.from_state_dict(t)
             totals[name] = totals[name].merge(part) if name in totals else part
-    images = split.count
+    images = split.num_samples
     write_markers(run, observers.names, totals if need.sums else None, class_counts if need.candidates else None,
                   images, cfg.init.candidates_per_class)
     remove_parts(run)

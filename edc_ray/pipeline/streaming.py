@@ -7,13 +7,16 @@ ran out of data.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, Iterator, Sequence
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from edc_ray.storage.shards import SampleSpec, iter_samples, read_info, shard_urls
+from edc_ray.config import DataConfig
+from edc_ray.storage.dataset_info import ShardList, read_info
+from edc_ray.storage.shards import SampleSpec, iter_samples
 
 
 class RankSplitter:
@@ -32,22 +35,30 @@ class ShardStream(IterableDataset):
     """(image, label) pairs of this rank's shards, split again across dataloader workers.
 
     With `shuffle` > 0 the shard order is permuted by `seed` (the same on every rank, so the split
-    stays a partition) and samples pass through a shuffle buffer of that size.
+    stays a partition) and samples pass through a shuffle buffer of that size. With `repeat` the
+    rank's shards are read again (in a new order) when they run out: a training epoch of a fixed step
+    count then never runs short where shard lengths were only estimated.
     """
 
-    def __init__(self, urls: list[str], counts: dict[str, int], rank: int, world: int,
-                 shuffle: int = 0, seed: int = 0, spec: SampleSpec | None = None):
-        self.urls, self.counts, self.rank, self.world = urls, counts, rank, world
-        self.shuffle, self.seed, self.spec = shuffle, seed, spec
+    def __init__(self, shards: ShardList, spec: SampleSpec, rank: int, world: int,
+                 shuffle: int = 0, seed: int = 0, repeat: bool = False):
+        self.shards, self.spec, self.rank, self.world = shards, spec, rank, world
+        self.shuffle, self.seed, self.repeat = shuffle, seed, repeat
+
+    def _pass(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, int]]:
+        urls = list(self.shards.urls)
+        if self.shuffle:
+            urls = [urls[i] for i in torch.randperm(len(urls), generator=generator).tolist()]
+        for _, image, label in iter_samples(urls, expected_counts=self.shards.expected_counts(), spec=self.spec,
+                                            nodesplitter=RankSplitter(self.rank, self.world),
+                                            workersplitter=wds.split_by_worker):
+            yield image, label
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         generator = torch.Generator().manual_seed(self.seed)
-        urls = self.urls
-        if self.shuffle:
-            urls = [urls[i] for i in torch.randperm(len(urls), generator=generator).tolist()]
-        samples = ((image, label) for _, image, label in iter_samples(
-            urls, expected_counts=self.counts, spec=self.spec, nodesplitter=RankSplitter(self.rank, self.world),
-            workersplitter=wds.split_by_worker))
+        samples = self._pass(generator)
+        if self.repeat:
+            samples = itertools.chain.from_iterable(self._pass(generator) for _ in itertools.count())
         yield from shuffled(samples, self.shuffle, generator) if self.shuffle else samples
 
 
@@ -62,13 +73,15 @@ def shuffled(items: Iterable, buffer_size: int, generator: torch.Generator) -> I
         yield buffer.pop(int(torch.randint(len(buffer), (), generator=generator)))
 
 
-def split_stream(root: str, split: str, rank: int, world: int, batch_size: int, workers: int = 0,
-                 shuffle: int = 0, seed: int = 0) -> DataLoader:
-    """Batches of (uint8 images, labels) from this rank's share of a split's shards."""
-    info = read_info(root)
-    urls = shard_urls(root, info, split)
-    counts = dict(zip(urls, info.splits[split].shard_counts))
-    return DataLoader(ShardStream(urls, counts, rank, world, shuffle, seed, SampleSpec.of(info)),
+def split_shards(data: DataConfig, split: str) -> ShardList:
+    """The shards of `split` (a name or a pattern) of the dataset `data` configures."""
+    return read_info(data.root, data.classes).shard_list(data.root, split)
+
+
+def split_stream(shards: ShardList, spec: SampleSpec, rank: int, world: int, batch_size: int, workers: int = 0,
+                 shuffle: int = 0, seed: int = 0, repeat: bool = False) -> DataLoader:
+    """Batches of (uint8 images, labels) from this rank's share of a split's shards, as `spec` reads them."""
+    return DataLoader(ShardStream(shards, spec, rank, world, shuffle, seed, repeat),
                       batch_size=batch_size, num_workers=workers)
 
 

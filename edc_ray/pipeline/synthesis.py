@@ -31,7 +31,8 @@ from edc_ray.pipeline import metrics
 from edc_ray.pipeline.cluster import describe_cluster, wait_for_room
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, PeakMemory, load_models, resolve_device, set_threads
 from edc_ray.storage.run_folder import RunFolder
-from edc_ray.storage.shards import ShardReadError, count_samples, encode_png, write_shard
+from edc_ray.storage.images import encode_png
+from edc_ray.storage.shards import ShardReadError, count_samples, write_shard
 
 
 def unit_samples(unit: int, images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
@@ -121,7 +122,7 @@ class UnitWorker:
     def synthesize(self, unit: int, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
         """One unit's (uint8 images, labels, loss history), from its classes' files only."""
         self._setup()
-        cands = Candidates.concat([self.run.class_candidates(c) for c in classes])
+        cands = Candidates.concat([self.run.class_candidates(c, self.meta.spec().decode) for c in classes])
 
         def progress(t: int, terms: dict) -> None:
             metrics.synthesis_loss(self.name, terms["loss"])

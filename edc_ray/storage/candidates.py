@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from edc_ray.algo.candidates import Candidates
-from edc_ray.storage.shards import RawSample, decode_image, encode_png, iter_raw_samples, read_span, write_shard
+from edc_ray.storage.images import decode_image, encode_png
+from edc_ray.storage.shards import RawSample, iter_raw_samples, read_span, write_shard
 
 
 def raw_source(sample: RawSample) -> tuple[str, int, int, str]:
@@ -46,8 +47,9 @@ def write_candidates(url: str, cands: Candidates) -> int:
     return write_shard(url, (_sample(cands, i) for i in range(len(cands))))
 
 
-def read_candidates(urls: Iterable[str]) -> Candidates:
-    """The candidates stored in the shards at `urls` (payloads are the encoded bytes, or None)."""
+def read_candidates(urls: Iterable[str], decode: Callable[[bytes], torch.Tensor] = decode_image) -> Candidates:
+    """The candidates stored in the shards at `urls` (payloads are the encoded bytes, or None); `decode`
+    turns a payload into the uint8 image the stages use (for images of any size: fitted to the size)."""
     keys, labels, priorities, losses, payloads, sources = [], [], [], [], [], []
     for sample in iter_raw_samples(list(urls)):
         meta = json.loads(sample.fields["json"])
@@ -60,7 +62,7 @@ def read_candidates(urls: Iterable[str]) -> Candidates:
         field = source[3] if source else "png"
         payloads.append(sample.fields.get(field))
     return Candidates(keys, torch.tensor(labels, dtype=torch.long), torch.tensor(priorities, dtype=torch.float64),
-                      torch.tensor(losses, dtype=torch.float32), payloads, sources, decode_image)
+                      torch.tensor(losses, dtype=torch.float32), payloads, sources, decode)
 
 
 def fetch_payloads(cands: Candidates) -> int:

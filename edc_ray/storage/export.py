@@ -17,7 +17,8 @@ import numpy as np
 
 from edc_ray.errors import DataError
 from edc_ray.storage import fsio
-from edc_ray.storage.shards import encode_png, iter_raw_samples, write_shard
+from edc_ray.storage.images import encode_png
+from edc_ray.storage.shards import iter_raw_samples, write_shard
 from edc_ray.storage.sources import CHANNEL_MODES, class_files, read_image
 
 

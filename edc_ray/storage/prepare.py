@@ -1,78 +1,63 @@
 """The prepare job: convert a source into ``<root>/<split>/shard-NNNNNN.tar`` + ``<root>/_info.json``.
 
-Output is deterministic (same input -> byte-identical shards) and ``_info.json`` is written last, as the
-commit marker: a finished root is reused as it is, a half-written one is redone from scratch.
+Each shard is one work unit (:func:`write_source_shard`): ``tasks`` > 1 runs them as Ray tasks, each
+handed only its shard's items. Image files that already are JPEG, PNG or WebP in the dataset's mode are
+stored with their original bytes (no re-encode, no crop); raw arrays (idx, CIFAR) and other files are
+stored as lossless PNG. ``image_size`` instead resizes and centre-crops every image to a square PNG.
+
+Output is deterministic (same input -> byte-identical shards, whatever ``tasks``) and ``_info.json``
+(timm's form, so timm's ``wds/`` reader reads the result) is written last, as the commit marker: a
+finished root is reused as it is, a half-written one is redone from scratch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import io
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from edc_ray.errors import DataError
 from edc_ray.storage import fsio
-from edc_ray.storage.shards import DatasetInfo, SplitInfo, encode_png, info_url, read_info, write_info, write_shard
-from edc_ray.storage.sources import Source, open_source
+from edc_ray.storage.dataset_info import DatasetInfo, SplitInfo, info_url, read_info, write_info
+from edc_ray.storage.images import CHANNEL_MODES, encode_png
+from edc_ray.storage.shards import write_shard
+from edc_ray.storage.sources import FileItems, Items, Source, open_source
 
-PROGRESS_MIN = 10_000  # sources with fewer images finish too fast for a progress bar to help
-
-
-class _SplitWriter:
-    """Buffers one split's encoded samples and writes them out ``shard_size`` at a time."""
-
-    def __init__(self, root: str, split: str, shard_size: int, num_classes: int) -> None:
-        self.root, self.split, self.shard_size = root, split, shard_size
-        self.pending: list[dict[str, Any]] = []
-        self.count = 0
-        self.counts_per_class = [0] * num_classes
-        self.shards: list[str] = []
-        self.shard_counts: list[int] = []
-
-    def add(self, image: np.ndarray, label: int) -> None:
-        """Queue one image; full shards are written as soon as they are complete."""
-        self.pending.append({"__key__": f"{self.split}-{self.count:08d}", "png": encode_png(image), "cls": label})
-        self.count += 1
-        self.counts_per_class[label] += 1
-        if len(self.pending) == self.shard_size:
-            self._flush()
-
-    def _flush(self) -> None:
-        name = f"shard-{len(self.shards):06d}.tar"
-        self.shard_counts.append(write_shard(fsio.join(self.root, self.split, name), self.pending))
-        self.shards.append(name)
-        self.pending = []
-
-    def close(self) -> SplitInfo:
-        """Write the last, partial shard and describe the split."""
-        if self.pending:
-            self._flush()
-        return SplitInfo(self.count, self.counts_per_class, self.shards, self.shard_counts)
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> sample field, stored as is
 
 
-class _PixelStats:
-    """Per-channel pixel sums, kept as exact integers so the result does not depend on summation order."""
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: its split, index, the index of its first sample in the split, and its items."""
 
-    def __init__(self) -> None:
-        self.pixels = 0
-        self.sums: np.ndarray | None = None
-        self.squares: np.ndarray | None = None
+    split: str
+    index: int
+    first: int
+    items: Items
 
-    def add(self, image: np.ndarray) -> None:
-        """Add one ``HxWxC`` uint8 image."""
-        flat = image.reshape(-1, image.shape[2]).astype(np.int64)
-        sums, squares = flat.sum(0), (flat * flat).sum(0)
-        self.sums = sums if self.sums is None else self.sums + sums
-        self.squares = squares if self.squares is None else self.squares + squares
-        self.pixels += flat.shape[0]
+    @property
+    def name(self) -> str:
+        """The shard's file name, relative to the dataset root (timm's ``filenames`` entry)."""
+        return f"{self.split}/shard-{self.index:06d}.tar"
 
-    def mean_std(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and (population) standard deviation of the pixels scaled to [0, 1]."""
-        mean = self.sums / self.pixels
-        var = np.maximum(self.squares / self.pixels - mean**2, 0.0)
-        return (mean / 255).tolist(), (np.sqrt(var) / 255).tolist()
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What a written shard holds: counts, exact pixel sums (when asked) and the image shapes seen."""
+
+    split: str
+    name: str
+    count: int
+    counts_per_class: list[int]
+    pixels: int
+    sums: list[int] | None
+    squares: list[int] | None
+    shapes: frozenset[tuple[int, int, int]]  # (H, W, C) of the stored images
 
 
 def _fit_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -92,38 +77,130 @@ def _as_hwc(image: np.ndarray) -> np.ndarray:
     return image[:, :, None] if image.ndim == 2 else image
 
 
-def _check_geometry(image: np.ndarray, expected: tuple[int, ...] | None, where: str) -> tuple[int, ...]:
-    """The ``HxWxC`` shape of ``image``, which must be square and equal ``expected`` (the first image's)."""
-    height, width, _ = image.shape
-    if height != width or (expected is not None and image.shape != expected):
-        wanted = "square" if expected is None else "x".join(map(str, expected))
-        raise ValueError(
-            f"{where} is {'x'.join(map(str, image.shape))} (HxWxC), expected {wanted}: "
-            "all images must be square with one size; pass --image-size N to resize and center-crop to NxN"
-        )
-    return image.shape
+def _file_sample(url: str, channels: int, image_size: int | None) -> tuple[str, bytes, np.ndarray]:
+    """(field, bytes to store, HxWxC pixels) of an image file: its own bytes where they can be kept."""
+    mode = CHANNEL_MODES[channels]
+    data = fsio.read_bytes(url)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            field = KEPT_FORMATS.get(image.format) if image.mode == mode and image_size is None else None
+            pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+    except (Image.UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError, OSError) as err:
+        raise DataError(f"{url}: not a readable image ({type(err).__name__}: {err})") from None
+    pixels = _as_hwc(pixels)
+    if field is not None:
+        return field, data, pixels
+    if image_size is not None:
+        pixels = _as_hwc(_fit_square(pixels[:, :, 0] if channels == 1 else pixels, image_size))
+    return "png", encode_png(pixels), pixels
 
 
-def _convert(opened: Source, out_root: str, shard_size: int, image_size: int | None, name: str) -> DatasetInfo:
+def _samples(job: ShardJob, image_size: int | None) -> Iterable[tuple[str, bytes, np.ndarray, int]]:
+    """(field, bytes, pixels, label) of every item of the job."""
+    if isinstance(job.items, FileItems):
+        for label, url in job.items:
+            yield (*_file_sample(url, job.items.channels, image_size), label)
+        return
+    for label, image in job.items:
+        pixels = _as_hwc(image if image_size is None else _fit_square(image, image_size))
+        yield "png", encode_png(pixels), pixels, label
+
+
+def write_source_shard(out_root: str, job: ShardJob, num_classes: int, image_size: int | None,
+                       with_stats: bool) -> ShardSummary:
+    """Write one shard of the source (atomically) and summarise it; ``with_stats`` sums its pixels."""
+    counts, shapes, pixels_seen = [0] * num_classes, set(), 0
+    sums = squares = None
+    samples = []
+    for offset, (field, data, pixels, label) in enumerate(_samples(job, image_size)):
+        samples.append({"__key__": f"{job.split}-{job.first + offset:08d}", field: data, "cls": label})
+        counts[label] += 1
+        shapes.add(pixels.shape)
+        if with_stats:
+            flat = pixels.reshape(-1, pixels.shape[2]).astype(np.int64)
+            part, part_sq = flat.sum(0), (flat * flat).sum(0)
+            sums = part if sums is None else sums + part
+            squares = part_sq if squares is None else squares + part_sq
+            pixels_seen += flat.shape[0]
+    count = write_shard(fsio.join(out_root, job.name), samples)
+    return ShardSummary(job.split, job.name, count, counts, pixels_seen,
+                        None if sums is None else sums.tolist(), None if squares is None else squares.tolist(),
+                        frozenset(shapes))
+
+
+def shard_jobs(opened: Source, shard_size: int) -> list[ShardJob]:
+    """Every split's items cut into shards of ``shard_size``, in output order."""
+    return [ShardJob(split, k, start, items.chunk(start, min(start + shard_size, len(items))))
+            for split, items in opened.splits.items()
+            for k, start in enumerate(range(0, len(items), shard_size))]
+
+
+def _run_jobs(out_root: str, jobs: list[ShardJob], num_classes: int, image_size: int | None, stats_split: str,
+              tasks: int, desc: str) -> list[ShardSummary]:
+    """Write every shard, in this process (``tasks`` 1) or as Ray tasks; summaries in job order."""
+    total = sum(len(job.items) for job in jobs)
+    with tqdm(total=total, desc=desc, unit="img", disable=total < 10_000) as bar:
+        if tasks <= 1:
+            summaries = []
+            for job in jobs:
+                summaries.append(write_source_shard(out_root, job, num_classes, image_size, job.split == stats_split))
+                bar.update(len(job.items))
+            return summaries
+        import ray
+
+        remote = ray.remote(num_cpus=1, max_retries=3)(write_source_shard)
+        refs, in_flight = [], {}
+        for job in jobs:  # at most `tasks` shards in flight: only their items are in the object store
+            if len(in_flight) >= tasks:
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                bar.update(in_flight.pop(done[0]))
+            ref = remote.remote(out_root, job, num_classes, image_size, job.split == stats_split)
+            refs.append(ref)
+            in_flight[ref] = len(job.items)
+        summaries = ray.get(refs)
+        bar.update(sum(in_flight.values()))
+    return summaries
+
+
+def _pixel_stats(summaries: list[ShardSummary]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std of the summed pixels, scaled to [0, 1] (exact integer sums)."""
+    parts = [s for s in summaries if s.sums is not None]
+    pixels = sum(s.pixels for s in parts)
+    mean = np.sum([s.sums for s in parts], axis=0) / pixels
+    var = np.maximum(np.sum([s.squares for s in parts], axis=0) / pixels - mean**2, 0.0)
+    return (mean / 255).tolist(), (np.sqrt(var) / 255).tolist()
+
+
+def _geometry(summaries: list[ShardSummary], image_size: int | None) -> tuple[int | None, int]:
+    """(image size, channels) of the stored images: one square size, or None when sizes vary."""
+    shapes = set().union(*(s.shapes for s in summaries))
+    channels = {c for _, _, c in shapes}
+    if len(channels) != 1:
+        raise DataError(f"the source's images have {sorted(channels)} channels; pass --channels 1 or 3")
+    if image_size is not None:
+        return image_size, channels.pop()
+    sizes = {(h, w) for h, w, _ in shapes}
+    height, width = sizes.pop() if len(sizes) == 1 else (None, 0)
+    return (height if height == width else None), channels.pop()
+
+
+def _convert(opened: Source, out_root: str, shard_size: int, image_size: int | None, name: str,
+             tasks: int) -> DatasetInfo:
     """Write every split's shards; return the info (not yet written). Stats come from train (else the first split)."""
-    writers = {split: _SplitWriter(out_root, split, shard_size, len(opened.classes)) for split in opened.split_sizes}
-    stats_split = "train" if "train" in writers else next(iter(writers))
-    stats = _PixelStats()
-    shape = None
-    total = sum(opened.split_sizes.values())
-    for split, image, label in tqdm(
-        opened.samples(), total=total, desc=f"prepare {name}", unit="img", disable=total < PROGRESS_MIN
-    ):
-        image = _as_hwc(image if image_size is None else _fit_square(image, image_size))
-        shape = _check_geometry(image, shape, f"{split} image {writers[split].count}")
-        writers[split].add(image, label)
-        if split == stats_split:
-            stats.add(image)
-    if shape is None:
+    if not any(len(items) for items in opened.splits.values()):
         raise ValueError(f"source {opened.name!r} holds no images")
-    mean, std = stats.mean_std()
-    splits = {split: writer.close() for split, writer in writers.items()}
-    return DatasetInfo(name, opened.classes, shape[0], shape[2], mean, std, splits)
+    stats_split = "train" if "train" in opened.splits else next(iter(opened.splits))
+    jobs = shard_jobs(opened, shard_size)
+    summaries = _run_jobs(out_root, jobs, len(opened.classes), image_size, stats_split, tasks, f"prepare {name}")
+    size, channels = _geometry(summaries, image_size)
+    mean, std = _pixel_stats([s for s in summaries if s.split == stats_split])
+    splits = {}
+    for split in opened.splits:
+        mine = [s for s in summaries if s.split == split]
+        splits[split] = SplitInfo(split, sum(s.count for s in mine), [s.name for s in mine], [s.count for s in mine],
+                                  np.sum([s.counts_per_class for s in mine], axis=0).astype(int).tolist()
+                                  if mine else [0] * len(opened.classes))
+    return DatasetInfo(name, opened.classes, size, channels, mean, std, splits)
 
 
 def _finished(out_root: str, request: dict[str, Any]) -> DatasetInfo | None:
@@ -157,23 +234,25 @@ def prepare_dataset(
     name: str | None = None,
     overwrite: bool = False,
     source_options: Mapping[str, Any] | None = None,
+    tasks: int = 1,
 ) -> DatasetInfo:
     """Convert ``source`` (read from ``src``) into shards under ``out_root`` (a path or URL); return its info.
 
     A finished ``out_root`` prepared with the same arguments is returned untouched; one prepared with other
     arguments is an error unless ``overwrite``. ``source_options`` go to the source (``names=`` for idx,
     ``channels=`` for imagefolder, ``dataset=`` for torchvision). ``image_size`` resizes (shorter side) and
-    center-crops every image to a square.
+    center-crops every image to a square PNG; without it image files keep their bytes. ``tasks`` > 1 writes
+    the shards as that many concurrent Ray tasks (Ray must be running, or is started locally).
     """
-    if shard_size < 1 or (image_size is not None and image_size < 1):
-        raise ValueError(f"shard_size ({shard_size}) and image_size ({image_size}) must be positive")
+    if shard_size < 1 or (image_size is not None and image_size < 1) or tasks < 1:
+        raise ValueError(f"shard_size ({shard_size}), image_size ({image_size}) and tasks ({tasks}) must be positive")
     options = dict(source_options or {})
     request = dict(source=source, src=src, shard_size=shard_size, image_size=image_size, name=name, options=options)
     if not overwrite and (finished := _finished(out_root, request)) is not None:
         return finished
     opened = open_source(source, src, **options)  # fails on a bad source before anything is deleted
     _remove_outputs(out_root)
-    info = _convert(opened, out_root, shard_size, image_size, name or opened.name)
+    info = _convert(opened, out_root, shard_size, image_size, name or opened.name, tasks)
     info.prepared_with = request
     write_info(out_root, info)  # last: the commit marker
     return info

@@ -23,6 +23,7 @@ visible in one place (a synthesis actor reads its unit's classes only).
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -153,9 +154,10 @@ class RunFolder:
         """Write one class's candidates; returns their count."""
         return write_candidates(self.class_candidates_path(label), cands)
 
-    def class_candidates(self, label: int) -> Candidates:
-        """One class's candidates (encoded payloads)."""
-        return read_candidates([self.class_candidates_path(label)])
+    def class_candidates(self, label: int, decode: Callable[[bytes], torch.Tensor] | None = None) -> Candidates:
+        """One class's candidates (encoded payloads; `decode` makes their images, see `read_candidates`)."""
+        urls = [self.class_candidates_path(label)]
+        return read_candidates(urls) if decode is None else read_candidates(urls, decode)
 
     def statistics_marker(self) -> dict | None:
         """What `stats/_complete.json` records, or None when the statistics are not complete."""

@@ -1,27 +1,26 @@
-"""WebDataset shards of labelled images: PNG coding, shard writing, ``_info.json`` and readers.
+"""WebDataset shards of labelled images: shard writing and the readers.
 
-A prepared dataset root holds ``<root>/<split>/shard-NNNNNN.tar`` with samples ``{__key__, png, cls}`` and
-``<root>/_info.json`` (a :class:`DatasetInfo`), written last as the commit marker.
+A dataset root holds WebDataset tars of samples ``{__key__, png|jpg|jpeg|webp, cls[, json]}`` and an
+``_info.json`` (:mod:`edc_ray.storage.dataset_info`, timm's form) listing each split's shards. edc-ray's
+prepare writes ``<root>/<split>/shard-NNNNNN.tar`` and the info last, as the commit marker; shards
+prepared elsewhere (timm's / Hugging Face's ``imagenet-1k-wds``) are read in place.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import tarfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
 from edc_ray.storage import fsio
-
-INFO_NAME = "_info.json"
-PREPARE_COMMAND = "python jobs/prepare.py --source <source> --src <folder> --out {root}"
+from edc_ray.storage.dataset_info import DatasetInfo, read_info
+from edc_ray.storage.images import ImageFit, decode_image
 
 Splitter = Callable[[Iterable[dict]], Iterable[dict]]
 
@@ -43,26 +42,6 @@ class ShardReadError(RuntimeError):
         return type(self), (self.url, self.detail)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """Lossless PNG bytes of a uint8 image, ``HxW`` (grayscale) or ``HxWxC`` with C in 1 or 3."""
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
-        raise ValueError(f"expected a uint8 HxW or HxWx{{1,3}} image, got {image.dtype} {image.shape}")
-    buffer = io.BytesIO()
-    Image.fromarray(image.squeeze(2) if image.ndim == 3 and image.shape[2] == 1 else image).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def decode_image(data: bytes) -> torch.Tensor:
-    """A uint8 ``CxHxW`` tensor from encoded image bytes (PNG, JPEG or WebP; C=1 for grayscale, 3 for RGB)."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode not in ("L", "RGB"):
-            raise ValueError(f"image mode {image.mode!r} is not supported: expected 'L' (grayscale) or 'RGB'")
-        array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
-
-
 def write_shard(url: str, samples: Iterable[dict[str, Any]]) -> int:
     """Write ``samples`` (``{"__key__": str, "png": bytes, "cls": int, ...}``) as one WebDataset tar at ``url``.
 
@@ -77,77 +56,6 @@ def write_shard(url: str, samples: Iterable[dict[str, Any]]) -> int:
             count += 1
     fsio.atomic_write_bytes(url, buffer.getvalue())
     return count
-
-
-@dataclass
-class SplitInfo:
-    """One split of a prepared dataset; ``shards`` are file names relative to ``<root>/<split>/``."""
-
-    count: int
-    counts_per_class: list[int]
-    shards: list[str]
-    shard_counts: list[int]
-
-
-@dataclass
-class DatasetInfo:
-    """What ``_info.json`` records about a prepared dataset (labels index ``classes``; stats on train in [0,1])."""
-
-    name: str
-    classes: list[str]
-    image_size: int
-    channels: int
-    mean: list[float]
-    std: list[float]
-    splits: dict[str, SplitInfo]
-    prepared_with: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DatasetInfo:
-        """The inverse of :meth:`to_dict`; raises ``TypeError``/``KeyError`` on missing or unknown fields."""
-        fields = dict(data)
-        fields["splits"] = {name: SplitInfo(**split) for name, split in data["splits"].items()}
-        return cls(**fields)
-
-
-def info_url(root: str) -> str:
-    """Where the ``_info.json`` of the dataset at ``root`` lives."""
-    return fsio.join(root, INFO_NAME)
-
-
-def write_info(root: str, info: DatasetInfo) -> None:
-    """Write ``<root>/_info.json`` atomically."""
-    fsio.atomic_write_json(info_url(root), info.to_dict())
-
-
-def read_info(root: str) -> DatasetInfo:
-    """Read ``<root>/_info.json``; a missing or invalid file raises an error naming it and saying how to prepare."""
-    url = info_url(root)
-    if not fsio.exists(url):
-        command = PREPARE_COMMAND.format(root=root)
-        raise FileNotFoundError(f"{url} not found: the dataset is not prepared yet; run `{command}` first")
-    try:
-        return DatasetInfo.from_dict(fsio.read_json(url))
-    except (ValueError, TypeError, KeyError, AttributeError) as exn:
-        command = PREPARE_COMMAND.format(root=root)
-        problem = f"{url} is not a valid dataset info file ({exn!r})"
-        raise ValueError(f"{problem}; re-create it: `{command} --overwrite`") from exn
-
-
-def _split_info(info: DatasetInfo, split: str) -> SplitInfo:
-    """``info.splits[split]``, or an error naming the split and the ones that exist."""
-    if split not in info.splits:
-        raise ValueError(f"dataset {info.name!r} has no split {split!r}; it has {sorted(info.splits)}")
-    return info.splits[split]
-
-
-def shard_urls(root: str, info: DatasetInfo, split: str) -> list[str]:
-    """URLs of the shards of ``split``, in order."""
-    return [fsio.join(root, split, name) for name in _split_info(info, split).shards]
 
 
 def keep_all_shards(shards: Iterable[dict]) -> Iterable[dict]:
@@ -267,16 +175,28 @@ def count_samples(url: str) -> int:
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """What every sample of a dataset must be: its image's channels and size, and a label below `num_classes`."""
+    """What every sample of a dataset must be: its image's channels and size, and a label below `num_classes`.
+
+    With `fit`, images of any size are fitted to `image_size` as they are decoded; without, each must
+    already be `channels x image_size x image_size`.
+    """
 
     channels: int
     image_size: int
     num_classes: int
+    fit: ImageFit | None = None
 
     @classmethod
-    def of(cls, info: "DatasetInfo") -> "SampleSpec":
-        """The spec a prepared dataset's `_info.json` promises."""
-        return cls(info.channels, info.image_size, len(info.classes))
+    def of(cls, info: DatasetInfo, fit: ImageFit | None = None) -> "SampleSpec":
+        """The spec of a dataset's samples (`fit` is required when its images have any size)."""
+        if info.image_size is None and fit is None:
+            raise ValueError(f"dataset {info.name!r} has images of any size: a SampleSpec needs an ImageFit")
+        size = fit.size if fit is not None else info.image_size
+        return cls(info.channels, size, len(info.classes), fit)
+
+    def decode(self, data: bytes, key: str = "") -> torch.Tensor:
+        """The image of encoded `data` as this spec's samples have it (fitted when `fit` is set)."""
+        return self.fit(data, key) if self.fit is not None else decode_image(data)
 
 
 def check_label(sample: RawSample, spec: SampleSpec | None) -> int:
@@ -296,7 +216,8 @@ def decode_sample(sample: RawSample, spec: SampleSpec | None = None) -> tuple[st
     :class:`ShardReadError` naming the shard and the sample."""
     label = check_label(sample, spec)
     try:
-        image = decode_image(sample.fields[sample.image_field])
+        data = sample.fields[sample.image_field]
+        image = spec.decode(data, sample.key) if spec is not None else decode_image(data)
     except (KeyError, ValueError, OSError, Image.DecompressionBombError) as exn:
         raise ShardReadError(sample.url, f"sample {sample.key!r}: {exn!r}") from exn
     if spec is not None and tuple(image.shape) != (spec.channels, spec.image_size, spec.image_size):
@@ -332,32 +253,32 @@ def iter_split(
     split: str,
     classes: Collection[int] | None = None,
     *,
+    fit: ImageFit | None = None,
     nodesplitter: Splitter | None = None,
     workersplitter: Splitter | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """:func:`iter_samples` over one split of the prepared dataset at ``root``, checking every shard's count
-    and every sample against `_info.json`."""
+    """:func:`iter_samples` over one split of the dataset at ``root``, checking every shard's count (where
+    recorded) and every sample against `_info.json` (``fit``: for datasets of images of any size)."""
     info = read_info(root)
-    urls = shard_urls(root, info, split)
-    counts = dict(zip(urls, info.splits[split].shard_counts, strict=True))
-    yield from iter_samples(urls, classes, expected_counts=counts, spec=SampleSpec.of(info),
-                            nodesplitter=nodesplitter, workersplitter=workersplitter)
+    shards = info.shard_list(root, split)
+    yield from iter_samples(list(shards.urls), classes, expected_counts=shards.expected_counts(),
+                            spec=SampleSpec.of(info, fit), nodesplitter=nodesplitter, workersplitter=workersplitter)
 
 
 def load_split(
-    root: str, split: str, classes: Collection[int] | None = None
+    root: str, split: str, classes: Collection[int] | None = None, *, fit: ImageFit | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """All of ``split`` (or its ``classes``) in memory, in shard order: uint8 ``NxCxHxW`` images, int64 labels, keys.
 
     For small datasets (MNIST-sized); stream large ones with :func:`iter_split`.
     """
-    info = read_info(root)
+    spec = SampleSpec.of(read_info(root), fit)
     keys, images, labels = [], [], []
-    for key, image, label in iter_split(root, split, classes):
+    for key, image, label in iter_split(root, split, classes, fit=fit):
         keys.append(key)
         images.append(image)
         labels.append(label)
     if not images:
-        empty = torch.empty((0, info.channels, info.image_size, info.image_size), dtype=torch.uint8)
+        empty = torch.empty((0, spec.channels, spec.image_size, spec.image_size), dtype=torch.uint8)
         return empty, torch.empty(0, dtype=torch.int64), keys
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys

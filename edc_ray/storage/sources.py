@@ -1,8 +1,10 @@
 """Image-classification sources that ``prepare`` turns into shards.
 
-``open_source(name, src, **options)`` returns a :class:`Source`: its class names (index = label), the size
-of each split (in output order) and an iterator of ``(split, uint8 image HxW or HxWxC, label)``, split by
-split, in the source's own order. Source files are read through fsspec, so ``src`` may be a URL.
+``open_source(name, src, **options)`` returns a :class:`Source`: its class names (index = label) and,
+per split in output order, its items in the source's own order: :class:`ArrayItems` (uint8 pixels,
+from idx / CIFAR / digits) or :class:`FileItems` (image files, whose bytes prepare keeps as they are).
+Items slice into small picklable chunks, one per shard, so prepare can hand each to a Ray task.
+Source files are read through fsspec, so ``src`` may be a URL.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from PIL import Image
 
 from edc_ray.errors import DataError
 from edc_ray.storage import fsio
-
-Sample = tuple[str, np.ndarray, int]
 
 DIGIT_NAMES = [str(d) for d in range(10)]
 FASHION_MNIST_NAMES = [
@@ -48,13 +48,53 @@ TORCHVISION_OFFLINE = {  # dataset -> the offline source that reads the same fil
 
 
 @dataclass(frozen=True)
+class ArrayItems:
+    """Images as uint8 arrays (``N x H x W`` or ``N x H x W x C``) and their labels."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def chunk(self, start: int, stop: int) -> "ArrayItems":
+        """Items ``start:stop`` as their own arrays (a slice would pickle the whole base array)."""
+        return ArrayItems(np.ascontiguousarray(self.images[start:stop]), np.array(self.labels[start:stop]))
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        for image, label in zip(self.images, self.labels, strict=True):
+            yield int(label), image
+
+
+@dataclass(frozen=True)
+class FileItems:
+    """Image files (URLs) and their labels; ``channels`` is what every image becomes (1 or 3)."""
+
+    urls: list[str]
+    labels: list[int]
+    channels: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def chunk(self, start: int, stop: int) -> "FileItems":
+        """Items ``start:stop``."""
+        return FileItems(self.urls[start:stop], self.labels[start:stop], self.channels)
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        yield from zip(self.labels, self.urls, strict=True)
+
+
+Items = ArrayItems | FileItems
+
+
+@dataclass(frozen=True)
 class Source:
-    """An opened source. ``samples()`` yields ``(split, image, label)`` split by split, in ``split_sizes`` order."""
+    """An opened source: class names and each split's items, in output order."""
 
     name: str
     classes: list[str]
-    split_sizes: dict[str, int]
-    samples: Callable[[], Iterator[Sample]]
+    splits: dict[str, Items]
 
 
 def _require_path(source: str, src: str | None) -> str:
@@ -75,12 +115,7 @@ def _array_source(name: str, classes: list[str], arrays: dict[str, tuple[np.ndar
         if bad.size:
             raise ValueError(f"{name} split {split!r}: label {int(bad[0])} outside 0..{len(classes) - 1}")
 
-    def samples() -> Iterator[Sample]:
-        for split, (images, labels) in arrays.items():
-            for image, label in zip(images, labels, strict=True):
-                yield split, image, int(label)
-
-    return Source(name, classes, {split: len(labels) for split, (_, labels) in arrays.items()}, samples)
+    return Source(name, classes, {split: ArrayItems(images, labels) for split, (images, labels) in arrays.items()})
 
 
 def open_digits(src: str | None = None) -> Source:
@@ -282,9 +317,9 @@ def class_files(root: str, classes: list[str]) -> list[tuple[str, int]]:
 def open_imagefolder(src: str | None, channels: int | None = None) -> Source:
     """``<src>/<split>/<class>/*.{png,jpg,jpeg,bmp,webp}`` for the splits among train/val/test that exist.
 
-    Classes are the sorted class folder names over all splits. ``channels`` 1 or 3 converts every image to
-    grayscale or RGB; by default RGB unless every image is grayscale. Sizes are left as they are (prepare
-    resizes with ``image_size``).
+    Classes are the sorted class folder names over all splits (for ImageNet: the sorted wnids,
+    torchvision's class order). ``channels`` 1 or 3 is what every image becomes (grayscale or RGB); by
+    default RGB unless every image is grayscale. Sizes are left as they are.
     """
     src = _require_path("imagefolder", src)
     splits = [split for split in FOLDER_SPLITS if split in fsio.list_dirs(src)]
@@ -296,14 +331,9 @@ def open_imagefolder(src: str | None, channels: int | None = None) -> Source:
         channels = 1 if all(_is_gray(url) for items in files.values() for url, _ in items) else 3
     if channels not in CHANNEL_MODES:
         raise ValueError(f"imagefolder channels {channels!r} not supported; allowed: {sorted(CHANNEL_MODES)}")
-    mode = CHANNEL_MODES[channels]
-
-    def samples() -> Iterator[Sample]:
-        for split, items in files.items():
-            for url, label in items:
-                yield split, read_image(url, mode), label
-
-    return Source(fsio.basename(src), classes, {split: len(items) for split, items in files.items()}, samples)
+    splits = {split: FileItems([url for url, _ in items], [label for _, label in items], channels)
+              for split, items in files.items()}
+    return Source(fsio.basename(src), classes, splits)
 
 
 def open_torchvision(src: str | None = None, dataset: str = "CIFAR10") -> Source:

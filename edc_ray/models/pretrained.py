@@ -1,0 +1,79 @@
+"""What a pretrained observer brings with it: its preprocessing, its classes and its weights file.
+
+EDC's ImageNet observers are torchvision's IMAGENET1K_V1 models (METHOD.md 1.1), named explicitly
+(``pretrained: IMAGENET1K_V1``; ``true`` means the library's default, which for mobilenet_v2 is
+IMAGENET1K_V2). Each was trained with its own normalisation and validated at a resize/crop ratio, and
+classifies ImageNet-1k's classes in sorted-wnid order. Offline, the weights come from
+``observers.models[i].weights`` (a path or ``s3://`` URL) or from torch's hub cache
+(``$TORCH_HOME/hub/checkpoints``), where :func:`missing_weights` says which file to put.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a pretrained model's inputs were made: normalisation, validation resize ratio (resize / crop),
+    interpolation, and how many classes it was trained on."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize_ratio: float
+    interpolation: str
+    num_classes: int
+
+
+def _torchvision_weights(name: str, tag: bool | str):
+    from torchvision import models
+
+    enum = models.get_model_weights(name)
+    if tag is True:
+        return enum.DEFAULT
+    try:
+        return enum[tag]
+    except KeyError:
+        raise ValueError(f"torchvision:{name} has no weights {tag!r}; it has {[w.name for w in enum]}") from None
+
+
+def preprocessing(arch: str, tag: bool | str) -> Preprocessing | None:
+    """The preprocessing of the pretrained weights ``tag`` of ``arch`` (None: not a library model)."""
+    library, _, name = arch.partition(":")
+    if library == "torchvision":
+        weights = _torchvision_weights(name, tag)
+        transform = weights.transforms()
+        return Preprocessing(tuple(transform.mean), tuple(transform.std),
+                             transform.resize_size[0] / transform.crop_size[0], transform.interpolation.value,
+                             len(weights.meta["categories"]))
+    if library == "timm":
+        import timm
+
+        cfg = timm.get_pretrained_cfg(name if tag is True else f"{name}.{tag}")
+        if cfg is None:
+            raise ValueError(f"timm has no pretrained config for {arch!r} with tag {tag!r}")
+        return Preprocessing(tuple(cfg.mean), tuple(cfg.std), 1 / cfg.crop_pct, cfg.interpolation, cfg.num_classes)
+    return None
+
+
+def cached_weights_file(arch: str, tag: bool | str) -> str | None:
+    """Where torch's hub cache keeps the torchvision weights ``tag`` of ``arch`` (None: not torchvision)."""
+    library, _, name = arch.partition(":")
+    if library != "torchvision":
+        return None
+    import torch.hub
+
+    url = _torchvision_weights(name, tag).url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[1])
+
+
+def missing_weights(arch: str, tag: bool | str) -> str | None:
+    """A message naming the file to fetch and where to put it, when the torchvision weights are not in
+    the hub cache; None when they are there (or the library keeps its own cache, as timm's hub does)."""
+    path = cached_weights_file(arch, tag)
+    if path is None or os.path.exists(path):
+        return None
+    url = _torchvision_weights(arch.partition(":")[2], tag).url
+    return (f"pretrained weights for {arch} ({tag}) are not here and may need the network: fetch {url} into "
+            f"{path} (torch's hub cache; TORCH_HOME moves it), or set the observer's weights: to a copy of "
+            "that file (path or s3:// URL)")
