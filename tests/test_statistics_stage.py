@@ -162,9 +162,9 @@ class RecordingRunFolder(RunFolder):
         self._record("statistics", label)
         return super().class_statistics(label)
 
-    def class_candidates(self, label: int, decode=None):
+    def class_candidates(self, label: int, *decode):
         self._record("candidates", label)
-        return super().class_candidates(label, decode)
+        return super().class_candidates(label, *decode)
 
 
 ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # the actors get this class by value

@@ -56,24 +56,18 @@ def preprocessing(arch: str, tag: bool | str) -> Preprocessing | None:
     return None
 
 
-def cached_weights_file(arch: str, tag: bool | str) -> str | None:
-    """Where torch's hub cache keeps the torchvision weights ``tag`` of ``arch`` (None: not torchvision)."""
+def missing_weights(arch: str, tag: bool | str) -> str | None:
+    """A message naming the file to fetch and where to put it, when the torchvision weights are not in
+    torch's hub cache; None when they are there (or the library keeps its own cache, as timm's hub does)."""
     library, _, name = arch.partition(":")
     if library != "torchvision":
         return None
     import torch.hub
 
     url = _torchvision_weights(name, tag).url
-    return os.path.join(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[1])
-
-
-def missing_weights(arch: str, tag: bool | str) -> str | None:
-    """A message naming the file to fetch and where to put it, when the torchvision weights are not in
-    the hub cache; None when they are there (or the library keeps its own cache, as timm's hub does)."""
-    path = cached_weights_file(arch, tag)
-    if path is None or os.path.exists(path):
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[1])
+    if os.path.exists(path):
         return None
-    url = _torchvision_weights(arch.partition(":")[2], tag).url
     return (f"pretrained weights for {arch} ({tag}) are not here and may need the network: fetch {url} into "
             f"{path} (torch's hub cache; TORCH_HOME moves it), or set the observer's weights: to a copy of "
             "that file (path or s3:// URL)")

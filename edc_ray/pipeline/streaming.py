@@ -7,8 +7,7 @@ ran out of data.
 """
 from __future__ import annotations
 
-import itertools
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import webdataset as wds
@@ -58,8 +57,20 @@ class ShardStream(IterableDataset):
         generator = torch.Generator().manual_seed(self.seed)
         samples = self._pass(generator)
         if self.repeat:
-            samples = itertools.chain.from_iterable(self._pass(generator) for _ in itertools.count())
+            samples = _repeated(lambda: self._pass(generator))
         yield from shuffled(samples, self.shuffle, generator) if self.shuffle else samples
+
+
+def _repeated(make: Callable[[], Iterator]) -> Iterator:
+    """The items of `make()`, then of `make()` again, and so on; ends after a pass that yields nothing
+    (a rank without shards), instead of looping forever."""
+    while True:
+        empty = True
+        for item in make():
+            empty = False
+            yield item
+        if empty:
+            return
 
 
 def shuffled(items: Iterable, buffer_size: int, generator: torch.Generator) -> Iterator:

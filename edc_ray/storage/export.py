@@ -17,9 +17,9 @@ import numpy as np
 
 from edc_ray.errors import DataError
 from edc_ray.storage import fsio
-from edc_ray.storage.images import encode_png
+from edc_ray.storage.images import CHANNEL_MODES, encode_png
 from edc_ray.storage.shards import iter_raw_samples, write_shard
-from edc_ray.storage.sources import CHANNEL_MODES, class_files, read_image
+from edc_ray.storage.sources import class_files, read_image
 
 
 def safe_name(name: str) -> str:

@@ -12,7 +12,6 @@ finished root is reused as it is, a half-written one is redone from scratch.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +25,10 @@ from edc_ray.storage import fsio
 from edc_ray.storage.dataset_info import DatasetInfo, SplitInfo, info_url, read_info, write_info
 from edc_ray.storage.images import CHANNEL_MODES, encode_png
 from edc_ray.storage.shards import write_shard
-from edc_ray.storage.sources import FileItems, Items, Source, open_source
+from edc_ray.storage.sources import FileItems, Items, Source, open_source, with_image
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> sample field, stored as is
+PROGRESS_MIN = 10_000  # sources with fewer images finish too fast for a progress bar to help
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,9 @@ def _file_sample(url: str, channels: int, image_size: int | None) -> tuple[str, 
     """(field, bytes to store, HxWxC pixels) of an image file: its own bytes where they can be kept."""
     mode = CHANNEL_MODES[channels]
     data = fsio.read_bytes(url)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            field = KEPT_FORMATS.get(image.format) if image.mode == mode and image_size is None else None
-            pixels = np.asarray(image.convert(mode), dtype=np.uint8)
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError, OSError) as err:
-        raise DataError(f"{url}: not a readable image ({type(err).__name__}: {err})") from None
+    field, pixels = with_image(url, lambda image: (
+        KEPT_FORMATS.get(image.format) if image.mode == mode and image_size is None else None,
+        np.asarray(image.convert(mode), dtype=np.uint8)), data)
     pixels = _as_hwc(pixels)
     if field is not None:
         return field, data, pixels
@@ -139,7 +136,7 @@ def _run_jobs(out_root: str, jobs: list[ShardJob], num_classes: int, image_size:
               tasks: int, desc: str) -> list[ShardSummary]:
     """Write every shard, in this process (``tasks`` 1) or as Ray tasks; summaries in job order."""
     total = sum(len(job.items) for job in jobs)
-    with tqdm(total=total, desc=desc, unit="img", disable=total < 10_000) as bar:
+    with tqdm(total=total, desc=desc, unit="img", disable=total < PROGRESS_MIN) as bar:
         if tasks <= 1:
             summaries = []
             for job in jobs:
@@ -180,8 +177,8 @@ def _geometry(summaries: list[ShardSummary], image_size: int | None) -> tuple[in
     if image_size is not None:
         return image_size, channels.pop()
     sizes = {(h, w) for h, w, _ in shapes}
-    height, width = sizes.pop() if len(sizes) == 1 else (None, 0)
-    return (height if height == width else None), channels.pop()
+    square = len(sizes) == 1 and len({*next(iter(sizes))}) == 1
+    return (next(iter(sizes))[0] if square else None), channels.pop()
 
 
 def _convert(opened: Source, out_root: str, shard_size: int, image_size: int | None, name: str,

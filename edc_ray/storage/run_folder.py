@@ -33,6 +33,7 @@ from edc_ray.algo.stats import ClassStatSums, StatTotals
 from edc_ray.errors import DataError
 from edc_ray.storage import fsio
 from edc_ray.storage.candidates import read_candidates, write_candidates
+from edc_ray.storage.images import decode_image
 
 CLASSES_PER_BLOCK = 20  # classes per merge task of the statistics pass (bounds a merge's memory)
 
@@ -154,10 +155,9 @@ class RunFolder:
         """Write one class's candidates; returns their count."""
         return write_candidates(self.class_candidates_path(label), cands)
 
-    def class_candidates(self, label: int, decode: Callable[[bytes], torch.Tensor] | None = None) -> Candidates:
+    def class_candidates(self, label: int, decode: Callable[[bytes], torch.Tensor] = decode_image) -> Candidates:
         """One class's candidates (encoded payloads; `decode` makes their images, see `read_candidates`)."""
-        urls = [self.class_candidates_path(label)]
-        return read_candidates(urls) if decode is None else read_candidates(urls, decode)
+        return read_candidates([self.class_candidates_path(label)], decode)
 
     def statistics_marker(self) -> dict | None:
         """What `stats/_complete.json` records, or None when the statistics are not complete."""

@@ -10,6 +10,7 @@ Source files are read through fsspec, so ``src`` may be a URL.
 from __future__ import annotations
 
 import inspect
+import io
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from PIL import Image
 
 from edc_ray.errors import DataError
 from edc_ray.storage import fsio
+from edc_ray.storage.images import CHANNEL_MODES
 
 DIGIT_NAMES = [str(d) for d in range(10)]
 FASHION_MNIST_NAMES = [
@@ -35,7 +37,6 @@ IDX_NDIM = {IDX_IMAGES_MAGIC: 3, IDX_LABELS_MAGIC: 1}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FOLDER_SPLITS = ("train", "val", "test")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
-CHANNEL_MODES = {1: "L", 3: "RGB"}
 
 DIGITS_TEST_FRACTION, DIGITS_SEED = 0.2, 0
 TORCHVISION_CACHE = Path.home() / ".cache" / "edc_ray" / "torchvision"
@@ -237,8 +238,6 @@ def _unpickle(url: str) -> dict[str, Any]:
     Python 2, so ``encoding="bytes"`` is needed and gives ``bytes`` keys; files written by Python 3 have
     ``str`` keys. Both are accepted.
     """
-    import io
-
     try:
         data = _CifarUnpickler(io.BytesIO(fsio.read_bytes(url)), encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
@@ -288,24 +287,25 @@ def open_cifar100(src: str | None) -> Source:
     return _open_cifar(CIFAR100, src)
 
 
-def _with_image(url: str, read: Callable[[Image.Image], Any]) -> Any:
-    """`read(image)` of the image file at ``url``; a file that is not an image (or is a decompression
-    bomb) raises `DataError` naming it."""
+def with_image(url: str, read: Callable[[Image.Image], Any], data: bytes | None = None) -> Any:
+    """`read(image)` of the image file at ``url`` (or of its bytes ``data``, already read); a file that is
+    not an image (or is a decompression bomb, or, from ``data``, is truncated) raises `DataError` naming it."""
+    errors = (Image.UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError)
     try:
-        with fsio.open_file(url) as f, Image.open(f) as image:
+        with (io.BytesIO(data) if data is not None else fsio.open_file(url)) as f, Image.open(f) as image:
             return read(image)
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
+    except errors + ((OSError,) if data is not None else ()) as err:
         raise DataError(f"{url}: not a readable image ({type(err).__name__}: {err})") from None
 
 
 def read_image(url: str, mode: str) -> np.ndarray:
     """An image file as a uint8 array in PIL ``mode`` ("L" -> HxW, "RGB" -> HxWx3)."""
-    return _with_image(url, lambda image: np.asarray(image.convert(mode), dtype=np.uint8))
+    return with_image(url, lambda image: np.asarray(image.convert(mode), dtype=np.uint8))
 
 
 def _is_gray(url: str) -> bool:
     """Whether the image file at ``url`` is grayscale (reads the header only)."""
-    return _with_image(url, lambda image: image.mode in GRAY_MODES)
+    return with_image(url, lambda image: image.mode in GRAY_MODES)
 
 
 def class_files(root: str, classes: list[str]) -> list[tuple[str, int]]:
