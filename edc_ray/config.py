@@ -138,6 +138,9 @@ class InitConfig:
     crop_flip: bool = True
     one_crop_per_image: bool = False
     shuffle_patches: bool = False
+    # observer indices whose mean logits score the candidates and the mosaic crops (None: all); EDC's
+    # ImageNet recipe scores with its four relabelling models, RDED with its one observer
+    score_observers: list[int] | None = None
 
 
 @dataclass
@@ -160,7 +163,7 @@ class SynthesisConfig:
     flatness_weight: float = 0.25
     flatness_beta: float = 0.99
     flatness_tau: float = 4.0
-    observers: list[int] | None = None  # observer indices synthesis (and mosaic scoring) uses (None: all)
+    observers: list[int] | None = None  # observer indices synthesis optimises against (None: all)
     match: list[Literal["bn", "conv", "patch"]] = field(default_factory=lambda: ["bn", "conv", "patch"])
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # run each observer's step under torch.compile
@@ -421,9 +424,10 @@ def flat_config(cfg: Config) -> dict[str, Any]:
 
 
 # Settings of the pixel optimisation: with `synthesis.iterations` 0 (random, RDED) they cannot change a
-# run's result. (`synthesis.observers` still picks RDED's scoring observer; `ipc` and units still count.)
+# run's result. (`ipc`, units and the init keys still count.)
 OPTIMISATION_KEYS = ("lr", "betas", "min_scale", "jitter", "flip", "ce_weight", "r", "alpha", "stat_momentum",
-                     "first_layer_weight", "flatness_weight", "flatness_beta", "flatness_tau", "match")
+                     "first_layer_weight", "flatness_weight", "flatness_beta", "flatness_tau", "match",
+                     "observers")
 
 
 def _inert_keys(flat: dict[str, Any]) -> set[str]:
@@ -489,6 +493,11 @@ def validate(cfg: Config) -> None:
         _check(0 <= index < len(o.models), f"synthesis.observers[{k}]", index,
                f"must index observers.models (0..{len(o.models) - 1})")
     _check(s.observers is None or len(s.observers) >= 1, "synthesis.observers", s.observers,
+           "give at least one observer index, or null for all")
+    for k, index in enumerate(i.score_observers or []):
+        _check(0 <= index < len(o.models), f"init.score_observers[{k}]", index,
+               f"must index observers.models (0..{len(o.models) - 1})")
+    _check(i.score_observers is None or len(i.score_observers) >= 1, "init.score_observers", i.score_observers,
            "give at least one observer index, or null for all")
     accumulated = {"bn": st.bn, "conv": st.conv, "patch": st.patch and st.conv}
     for kind in s.match:

@@ -10,8 +10,10 @@ Usage (from the repository root):
     python jobs/prepare.py --source torchvision --dataset CIFAR100 --out data/cifar100   # needs network
 Options: --shard-size N (samples per shard, default 5000), --image-size N (resize + center-crop to NxN
 PNGs; without it image files keep their own bytes), --tasks N (shards written by N concurrent Ray tasks;
-default: this machine's CPUs; --address joins a cluster), --name NAME, --overwrite (replace an existing,
-differently prepared output). The output's _info.json is timm's, so `timm.data.create_dataset("wds/...")`
+default: this machine's CPUs; --address joins a cluster, whose tasks need --src and --out on S3 or under
+a folder every node mounts, named with --shared-paths), --name NAME, --overwrite (replace an existing,
+differently prepared output). An interrupted prepare resumes: a re-run with the same arguments writes
+only the shards it lacks. The output's _info.json is timm's, so `timm.data.create_dataset("wds/...")`
 reads it too.
 """
 
@@ -21,6 +23,7 @@ import argparse
 import os
 
 from edc_ray.cli import run_job
+from edc_ray.errors import ClusterError
 from edc_ray.storage import SOURCES, prepare_dataset
 
 SOURCE_OPTIONS = ("names", "channels", "dataset")  # passed to the source only when given
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--tasks", type=int, default=os.cpu_count() or 1, help="concurrent Ray tasks (1: no Ray)")
     parser.add_argument("--address", default="local", help="Ray address: local (a private instance) or a cluster")
+    parser.add_argument("--shared-paths", nargs="*", default=[],
+                        help="with --address: folders every node mounts at the same path (NFS, EFS)")
     parser.add_argument("--names", choices=["mnist", "fashion-mnist"], help="idx: class names")
     parser.add_argument("--channels", type=int, choices=[1, 3], help="imagefolder: 1 grayscale, 3 RGB")
     parser.add_argument("--dataset", help="torchvision: dataset class, e.g. CIFAR10, MNIST, FashionMNIST")
@@ -54,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare(args: argparse.Namespace, options: dict):
     """Run the prepare with Ray started (and stopped) here when more than one task is asked for."""
+    if args.tasks > 1 and args.address != "local":
+        check_shared(args)
     started = args.tasks > 1 and not ray_running()
     if started:
         import ray
@@ -67,6 +74,19 @@ def prepare(args: argparse.Namespace, options: dict):
             import ray
 
             ray.shutdown()
+
+
+def check_shared(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a --src or --out on this machine's disk when tasks run on a cluster: each
+    node would read and write its own disk."""
+    from edc_ray.pipeline.cluster import node_local
+
+    local = [f"{flag} {path}" for flag, path in (("--src", args.src), ("--out", args.out))
+             if path and node_local(path, args.shared_paths)]
+    if local:
+        raise ClusterError(f"{', '.join(local)}: on this machine's disk, but the tasks run on the cluster at "
+                           f"{args.address}, whose other nodes cannot see it. Use s3:// URLs, or name a folder "
+                           "every node mounts at the same path with --shared-paths")
 
 
 def ray_running() -> bool:

@@ -5,7 +5,7 @@ import yaml
 
 from edc_ray.algo.condense import accumulate_statistics, build_observers, condense
 from edc_ray.algo.stats import StatisticHooks
-from edc_ray.benchmarks.grid import Cell, Grid, cell_config, cells, load_grid, markdown_tables, share
+from edc_ray.benchmarks.grid import Cell, Grid, cell_config, cells, load_grid, markdown_tables, share, shared_folders
 from edc_ray.config import METHODS, ConfigError, StatisticsConfig, load_config
 from edc_ray.storage import fsio
 from edc_ray.storage.export import export_imagefolder, imagefolder_shard
@@ -43,6 +43,7 @@ def test_explicit_values_beat_preset_defaults_but_not_fixed_choices(tmp_path):
     assert cfg.evaluation.batch_size == 8 and cfg.evaluation.loss == "kl"
     rded = load_config(None, ["method=rded", "synthesis.iterations=100"])
     assert rded.synthesis.iterations == 0 and rded.init.mode == "mosaic"
+    assert rded.init.score_observers == [0]  # RDED scores with its one observer
 
 
 def test_bad_method_protocol_and_matching_are_named():
@@ -54,6 +55,10 @@ def test_bad_method_protocol_and_matching_are_named():
         load_config(None, ["statistics.patch=false"])
     with pytest.raises(ConfigError, match=r"synthesis.observers\[0\]: 3"):
         load_config(None, ["synthesis.observers=[3]"])
+    with pytest.raises(ConfigError, match=r"init.score_observers\[1\]: 5 is not allowed; must index"):
+        load_config(None, ["init.score_observers=[0, 5]"])
+    with pytest.raises(ConfigError, match=r"init.score_observers: \[\] is not allowed"):
+        load_config(None, ["init.score_observers=[]"])
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +191,16 @@ def test_shared_observers_and_statistics_only_when_complete(tmp_path):
     share(folders, str(other), 2, "in")
     assert sorted(p.name for p in (other / "observers").iterdir()) == ["0-a.json", "0-a.pt", "1-b.json"]
     assert not (other / "stats").exists()
+
+
+def test_cells_share_candidates_only_when_the_same_observers_score_them(tmp_path):
+    from types import SimpleNamespace
+
+    grid = SimpleNamespace(output=str(tmp_path))
+    two = "observers.models=[{arch: convnet_d2}, {arch: convnet_bn}]"
+    edc, rded = (load_config(None, [two, f"method={m}"]) for m in ("edc", "rded"))
+    assert shared_folders(grid, edc, "d")["candidates"] != shared_folders(grid, rded, "d")["candidates"]
+    everyone = load_config(None, [two, "init.score_observers=[1, 0]"])  # every observer: the default
+    assert shared_folders(grid, everyone, "d") == shared_folders(grid, edc, "d")
+    edc, rded = (load_config(None, [f"method={m}"]) for m in ("edc", "rded"))  # one observer: scored alike
+    assert shared_folders(grid, edc, "d") == shared_folders(grid, rded, "d")

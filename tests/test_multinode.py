@@ -165,6 +165,9 @@ def test_local_paths_pass_on_a_private_instance_and_are_refused_on_a_joined_clus
             check_shared_paths(cfg)
         cfg.ray.shared_paths = [str(tmp_path)]
         check_shared_paths(cfg)
+        cfg.observers.models = [ObserverSpec("timm:local-dir:/models/resnet18", pretrained=True)]  # a timm folder
+        with pytest.raises(ClusterError, match=r"^observers.models\[0\].arch='/models/resnet18': on this machine"):
+            check_shared_paths(cfg)
     finally:
         ray.shutdown()
 

@@ -225,6 +225,39 @@ def test_rerun_is_a_noop_and_output_is_deterministic(tmp_path: Path) -> None:
     assert _file_bytes(first) == _file_bytes(second)
 
 
+def test_an_interrupted_prepare_resumes_with_the_shards_it_lacks(tmp_path: Path, monkeypatch) -> None:
+    from edc_ray.storage import prepare
+
+    source, src, _, _ = cifar10_case(tmp_path)  # 10 train + 3 test images: 4 + 1 shards of 3
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    real, written = prepare.write_source_shard, []
+
+    def dies_at_the_fourth_shard(out_root, job, *args):
+        if len(written) == 3:
+            raise KeyboardInterrupt("killed")
+        written.append(job.name)
+        return real(out_root, job, *args)
+
+    monkeypatch.setattr(prepare, "write_source_shard", dies_at_the_fourth_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(source, src, str(out), shard_size=3)
+    assert not (out / "_info.json").exists() and len(list((out / "_prepare").glob("*-shard-*.json"))) == 3
+    written.clear()
+    monkeypatch.setattr(prepare, "write_source_shard", lambda out_root, job, *args: (
+        written.append(job.name), real(out_root, job, *args))[1])
+    info = prepare_dataset(source, src, str(out), shard_size=3)
+    assert written == ["train/shard-000003.tar", "test/shard-000000.tar"]  # only the two it lacked
+    assert not (out / "_prepare").exists()
+    assert info == prepare_dataset(source, src, str(clean), shard_size=3)
+    assert _file_bytes(out) == _file_bytes(clean)
+    (out / "_prepare").mkdir()  # another request's leftovers are not resumed
+    prepare.fsio.atomic_write_json(str(out / "_prepare" / "_request.json"), {"shard_size": 2})
+    (out / "_info.json").unlink()
+    written.clear()
+    prepare_dataset(source, src, str(out), shard_size=3)
+    assert len(written) == 5 and _file_bytes(out) == _file_bytes(clean)
+
+
 def test_other_arguments_need_overwrite_which_removes_stale_shards(tmp_path: Path) -> None:
     source, src, _, _ = idx_case(tmp_path)
     out = str(tmp_path / "out")
@@ -265,6 +298,11 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert prepare_main(["--source", source, "--src", src, "--out", str(tmp_path / "o"), "--names", "mnist"]) == 0
     assert read_info(str(tmp_path / "o")).classes[0] == "0"
     assert "fashion-mnist train: 7 images in 1 shards under" in capsys.readouterr().out
+    cluster = ["--source", source, "--src", src, "--out", str(tmp_path / "c"), "--address", "ray://head:10001"]
+    assert prepare_main([*cluster, "--tasks", "2", "--shared-paths", src]) == 2  # refused before connecting
+    assert f"error: --out {tmp_path / 'c'}: on this machine's disk, but the tasks run on the cluster" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 # ---------------------------------------------------------------- failures are loud and name the culprit

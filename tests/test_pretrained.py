@@ -80,3 +80,31 @@ def test_a_missing_weights_file_is_named_before_any_work(ray_local, tmp_path, mo
     with pytest.raises(PretrainedWeightsError):  # not the missing dataset: the weights are checked first
         run_pipeline(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_timm_model_folder_brings_its_weights_and_preprocessing(tmp_path, monkeypatch):
+    import timm
+    from timm.models import save_for_hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "models" / "test_efficientnet"
+    torch.manual_seed(0)
+    saved = timm.create_model("test_efficientnet", pretrained=False, num_classes=1000)
+    save_for_hf(saved, str(folder))
+    arch = f"timm:local-dir:{folder}"
+    pre = preprocessing(arch, True)  # from the folder's config.json: timm's test model crops at 0.95
+    assert (pre.num_classes, pre.resize_ratio) == (1000, pytest.approx(1 / 0.95))
+    cfg = load_config(None, [f"observers.models=[{{arch: '{arch}', pretrained: true}}]", "data.image_size=32",
+                             "data.val_split=validation", f"data.val_resize_ratio={1 / 0.95}"])
+    check_pretrained_weights(cfg)
+    meta = DatasetMeta.from_info(imagenet_info(), cfg.data, pretrained_preprocessing(cfg, imagenet_info()))
+    run = RunFolder(str(tmp_path / "run"))
+    [(got_arch, model)] = observers_stage(cfg, run, meta)
+    assert got_arch == arch and run.exists("observers", "0-timm_local-dir_" + str(folder).replace("/", "_") + ".pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values()))
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(PretrainedWeightsError, match=f"observers.models\\[0\\]: the timm model folder {folder} "
+                                                     "lacks config.json or its weights"):
+        check_pretrained_weights(cfg)
+    with pytest.raises(ConfigError, match=r"pretrained: .*nowhere/config.json is missing"):
+        load_config(None, [f"observers.models=[{{arch: 'timm:local-dir:{tmp_path}/nowhere', pretrained: true}}]"])

@@ -8,6 +8,8 @@ import torch
 
 from edc_ray.algo.candidates import sample_priority
 from edc_ray.algo.condense import StatisticsPass
+from edc_ray.algo.init import candidate_losses
+from edc_ray.algo.student import normalize
 from edc_ray.config import load_config
 from edc_ray.pipeline import statistics
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, build_model, load_models, observer_payload
@@ -139,6 +141,16 @@ def test_methods_without_matching_skip_the_sums_and_score_the_survivors(dataset,
     for c in range(3):  # the same sample, scored afterwards by the same ensemble
         a, b = run.class_candidates(c), full.class_candidates(c)
         assert a.keys == b.keys and torch.allclose(a.losses, b.losses, atol=1e-5)
+    one = RunFolder(str(tmp_path / "one"))
+    statistics_stage(config(dataset, one.root, "method=random", "init.score_observers=[1]"), one, info,
+                     DatasetMeta.from_info(info), observers)
+    meta = DatasetMeta.from_info(info)
+    second = load_models(observers, meta)[0][1]
+    for c in range(3):  # the same sample, scored by observer 1 alone
+        own = one.class_candidates(c)
+        alone = candidate_losses([second], normalize(own.images(), meta.mean, meta.std), own.labels)
+        assert own.keys == run.class_candidates(c).keys and torch.allclose(own.losses, alone, atol=1e-5)
+        assert not torch.allclose(own.losses, run.class_candidates(c).losses, atol=1e-3)
     # a later method that matches statistics finds them missing and computes them, keeping the candidates
     before = {c: open(run.class_candidates_path(c), "rb").read() for c in range(3)}
     edc = config(dataset, run.root)

@@ -1,15 +1,17 @@
 """The synthesis loop of one unit and the single-process condensation API, end to end on tiny data."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from edc_ray.algo.candidates import CandidateReservoir, Candidates, bottom_k, sample_priority
-from edc_ray.algo.condense import (accumulate_statistics, build_observers, candidates_in_memory, condense,
-                                   initial_images, make_units, real_init_positions, synthesize_class_unit,
+from edc_ray.algo.condense import (StatisticsPass, accumulate_statistics, build_observers, candidates_in_memory,
+                                   condense, initial_images, make_units, real_init_positions, synthesize_class_unit,
                                    unit_seed)
 from edc_ray.algo.matching import layer_weights
 from edc_ray.algo.student import normalize
 from edc_ray.algo.synthesis import matching_loss
 from edc_ray.config import Config, StatisticsConfig
+from edc_ray.pipeline.synthesis import UnitWorker
 from tiny import MEAN, STD, make_tiny, tiny_observers
 
 
@@ -65,6 +67,57 @@ def test_candidates_are_a_uniform_sample_scored_by_the_ensemble(tiny):
     index = [keys.index(k) for k in cands.keys]
     assert torch.equal(cands.images(), images[index])
     assert not torch.isnan(cands.losses).any() and (cands.losses >= 0).all()
+
+
+def test_score_observers_alone_score_the_candidates_and_the_sums_stay(tiny):
+    images, labels, models = tiny
+    stats = StatisticsConfig(patch_size=4)
+    every, second = (StatisticsPass(models, 3, stats, MEAN, STD, scorers=scorers) for scorers in (None, [1]))
+    mean_logits = sum(m(normalize(images, MEAN, STD)) for m in models) / len(models)
+    alone = models[1](normalize(images, MEAN, STD))
+    with torch.no_grad():
+        assert torch.allclose(every.add(images, labels), F.cross_entropy(mean_logits, labels, reduction="none"),
+                              atol=1e-5)
+        assert torch.allclose(second.add(images, labels), F.cross_entropy(alone, labels, reduction="none"),
+                              atol=1e-5)
+    for a, b in zip(every.sums, second.sums):
+        assert torch.equal(a.counts, b.counts) and all(
+            torch.equal(x[key], y[key]) for x, y in zip(a.sums, b.sums) for key in x)
+    every.close(), second.close()
+    unscored = StatisticsPass(models, 3, stats, MEAN, STD, with_sums=False, scorers=[0])
+    assert torch.allclose(unscored.add(images, labels),
+                          F.cross_entropy(models[0](normalize(images, MEAN, STD)), labels, reduction="none"), atol=1e-5)
+
+
+class _Totals:
+    """The one run-folder read of `UnitWorker._setup`: every observer's global totals."""
+
+    def global_statistics(self):
+        return {"a": "totals of a", "b": "totals of b"}
+
+
+def test_a_unit_worker_loads_the_optimised_and_the_scoring_observers_once(tiny):
+    images, labels, models = tiny
+    cfg = _cfg(iterations=3, observers=[0])
+    cfg.init.mode, cfg.init.score_observers = "mosaic", [1, 0]
+    loads = []
+
+    def load(indices):
+        loads.append(list(indices))
+        return [models[k] for k in indices], 0
+
+    worker = UnitWorker("w", cfg, None, _Totals(), ["a", "b"], load, torch.device("cpu"))
+    worker._setup()
+    assert loads == [[0, 1]] and worker.models == [models[0]] and worker.scorers == [models[1], models[0]]
+    assert worker.totals == ["totals of a"]
+    cfg.synthesis.iterations, cfg.init.score_observers = 0, [1]
+    worker = UnitWorker("w", cfg, None, _Totals(), ["a", "b"], load, torch.device("cpu"))
+    worker._setup()
+    assert loads[-1] == [1] and worker.models == [] and worker.totals is None
+    pool = _pool(images, labels, models)
+    by_second, _, _ = synthesize_class_unit(0, [0, 1], [models[1]], [], pool, cfg, MEAN, STD)
+    by_first, _, _ = synthesize_class_unit(0, [0, 1], [models[0]], [], pool, cfg, MEAN, STD)
+    assert not torch.equal(by_second, by_first)  # the scoring observer decides which crops are stitched
 
 
 def test_real_init_picks_distinct_lowest_loss_candidates(tiny):

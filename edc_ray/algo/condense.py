@@ -36,16 +36,17 @@ class StatisticsPass:
     """The one streaming pass over real images (METHOD.md 1.2-1.3), batch by batch.
 
     Each batch runs through every observer once: with `with_sums`, forward hooks add every image's
-    layer-input statistics to exact per-class sums (one `ClassStatSums` per observer); the ensemble's
-    mean logits give every image's cross-entropy, its candidate score. Memory holds the sums (fixed by
-    the classes and layers) and one batch, never the images seen.
+    layer-input statistics to exact per-class sums (one `ClassStatSums` per observer); the mean logits
+    of the observers at `scorers` (None: all) give every image's cross-entropy, its candidate score.
+    Memory holds the sums (fixed by the classes and layers) and one batch, never the images seen.
     """
 
     def __init__(self, models: Sequence[nn.Module], num_classes: int, cfg: StatisticsConfig,
                  mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu",
-                 with_sums: bool = True):
+                 with_sums: bool = True, scorers: Sequence[int] | None = None):
         self.device = torch.device(device)
         self.models = [m.eval().to(self.device) for m in models]
+        self.scorers = set(range(len(self.models)) if scorers is None else scorers)
         self.mean, self.std = mean, std
         self.precision = resolve_precision(cfg.precision, self.device)
         self.hooks = [StatisticHooks(observer_layers(m, cfg), mode="image") for m in self.models] \
@@ -59,6 +60,8 @@ class StatisticsPass:
         labels = labels.to(self.device, non_blocking=True)
         logits = 0
         for k, model in enumerate(self.models):
+            if not self.hooks and k not in self.scorers:
+                continue
             with autocast(self.precision, self.device):
                 if self.hooks:
                     with self.hooks[k].capture() as records:
@@ -66,8 +69,9 @@ class StatisticsPass:
                     self.sums[k].add(records, labels)
                 else:
                     out = model(x)
-            logits = logits + out.float()
-        return F.cross_entropy(logits / len(self.models), labels, reduction="none")
+            if k in self.scorers:
+                logits = logits + out.float()
+        return F.cross_entropy(logits / len(self.scorers), labels, reduction="none")
 
     def close(self) -> None:
         """Detach the hooks."""
@@ -194,8 +198,8 @@ def build_observers(models: Sequence[nn.Module], totals: Sequence[StatTotals],
 
 
 def selected(items: Sequence[T], select: Sequence[int] | None) -> list[T]:
-    """The observers (models, names) a method's synthesis and mosaic scoring use: `synthesis.observers`
-    indices, None for all."""
+    """The `items` (models, names) at the indices `select` (`synthesis.observers`,
+    `init.score_observers`), all for None."""
     return list(items) if select is None else [items[k] for k in select]
 
 
@@ -227,11 +231,11 @@ def condense(models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Te
                                       for s in range(0, len(images), batch)),
                                   num_classes, cfg.statistics, mean, std, device) for m in models]
     keys = [str(i) for i in range(len(images))]
-    cands = candidates_in_memory(models, images, labels, keys, cfg.init.candidates_per_class, cfg.seed,
+    scorers = selected(models, cfg.init.score_observers)
+    cands = candidates_in_memory(scorers, images, labels, keys, cfg.init.candidates_per_class, cfg.seed,
                                  mean, std, device)
     observers = build_observers(models, [s.totals() for s in sums], sums, range(num_classes), cfg.statistics,
                                 device, cfg.synthesis.match, cfg.synthesis.observers)
-    scorers = selected(models, cfg.synthesis.observers)
     outs = [synthesize_class_unit(u, classes, scorers, observers, cands, cfg, mean, std, device)
             for u, classes in enumerate(make_units(num_classes, cfg.synthesis.classes_per_unit))]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

@@ -100,7 +100,10 @@ def _digest(*parts: object) -> str:
 def shared_folders(grid: Grid, cfg: Config, dataset: str) -> dict[str, str]:
     """Where a dataset's observers and statistics are kept for reuse, keyed by what they depend on."""
     observers = _digest(cfg.data, cfg.observers, cfg.seed)
-    statistics = _digest(observers, cfg.statistics, cfg.init.candidates_per_class)
+    every = list(range(len(cfg.observers.models)))
+    score = cfg.init.score_observers
+    scoring = [] if score is None or sorted(set(score)) == every else [score]  # all of them: the default's name
+    statistics = _digest(observers, cfg.statistics, cfg.init.candidates_per_class, *scoring)
     root = fsio.join(grid.output, dataset, "shared")
     statistics_folder = fsio.join(root, f"statistics-{statistics}")
     return {"observers": fsio.join(root, f"observers-{observers}"), "statistics": statistics_folder,

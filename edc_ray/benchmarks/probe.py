@@ -64,9 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     meta = DatasetMeta.from_info(info, cfg.data)
     models = [model for _, model in load_observers(cfg, RunFolder(folders["observers"]), meta)]
     start = time.perf_counter()
-    chosen = selected(models, cfg.synthesis.observers)
-    names = selected(observer_names(cfg), cfg.synthesis.observers)
-    worker = UnitWorker("probe", cfg, meta, statistics, names, lambda: (chosen, 0), torch.device("cpu"))
+    worker = UnitWorker("probe", cfg, meta, statistics, observer_names(cfg),
+                        lambda indices: (selected(models, indices), 0), torch.device("cpu"))
     units = [worker.synthesize(u, classes)
              for u, classes in enumerate(make_units(meta.num_classes, cfg.synthesis.classes_per_unit))]
     images, labels = torch.cat([u[0] for u in units]), torch.cat([u[1] for u in units])

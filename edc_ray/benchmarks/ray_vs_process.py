@@ -54,8 +54,8 @@ def run_in_process(cfg: Config, meta: DatasetMeta, models: list, folder: str) ->
     """All units one after another in this process (torch uses 2 threads)."""
     torch.set_num_threads(2)
     start = time.perf_counter()
-    worker = UnitWorker("process", cfg, meta, RunFolder(folder), NAMES, lambda: ([m for _, m in models], 0),
-                        torch.device("cpu"))
+    worker = UnitWorker("process", cfg, meta, RunFolder(folder), NAMES,
+                        lambda indices: ([models[k][1] for k in indices], 0), torch.device("cpu"))
     for unit, classes in enumerate(make_units(meta.num_classes, cfg.synthesis.classes_per_unit)):
         worker.run_unit(unit, classes, "distilled")
     return time.perf_counter() - start

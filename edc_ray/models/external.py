@@ -27,7 +27,8 @@ class TimmLibrary:
         """Whether timm knows ``name`` (an architecture, optionally with a ``.tag``)."""
         import timm
 
-        return timm.is_model(name)
+        # a model folder is checked where it is read (a config error, or the missing-weights message)
+        return name.startswith("local-dir:") or timm.is_model(name)
 
     def create(
         self, name: str, num_classes: int, in_chans: int, image_size: int, pretrained: bool | str, **kwargs: Any
@@ -36,7 +37,7 @@ class TimmLibrary:
         whose position embeddings depend on it (convolutional timm models reject the argument)."""
         import timm
 
-        cfg = timm.get_pretrained_cfg(name)
+        cfg = None if name.startswith("local-dir:") else timm.get_pretrained_cfg(name)
         if cfg is not None and cfg.fixed_input_size:
             kwargs.setdefault("img_size", image_size)
         tagged = f"{name}.{pretrained}" if isinstance(pretrained, str) else name

@@ -15,6 +15,7 @@ import ray
 
 from edc_ray.config import Config
 from edc_ray.errors import ClusterError
+from edc_ray.models.pretrained import local_dir
 from edc_ray.storage import fsio
 
 POLL_S = 1.0
@@ -35,12 +36,18 @@ def spans_nodes(cfg: Config) -> bool:
 def node_local_paths(cfg: Config) -> list[tuple[str, str]]:
     """(config key, path) of every path the stages read or write on several nodes that is on a local
     disk and not under one of `ray.shared_paths`."""
-    shared = [fsio.absolute(p).rstrip("/") + "/" for p in cfg.ray.shared_paths]
     paths = [("data.root", cfg.data.root), ("output.run_dir", cfg.output.run_dir)]
     paths += [(f"observers.models[{k}].weights", spec.weights) for k, spec in enumerate(cfg.observers.models)
               if spec.weights]
-    return [(key, path) for key, path in paths
-            if fsio.is_local(path) and not (fsio.absolute(path).rstrip("/") + "/").startswith(tuple(shared))]
+    paths += [(f"observers.models[{k}].arch", local_dir(spec.arch)) for k, spec in enumerate(cfg.observers.models)
+              if local_dir(spec.arch)]
+    return [(key, path) for key, path in paths if node_local(path, cfg.ray.shared_paths)]
+
+
+def node_local(path: str, shared_paths: list[str]) -> bool:
+    """Whether `path` is on this machine's disk and not under one of `shared_paths` (mounted by every node)."""
+    shared = tuple(fsio.absolute(p).rstrip("/") + "/" for p in shared_paths)
+    return fsio.is_local(path) and not (fsio.absolute(path).rstrip("/") + "/").startswith(shared)
 
 
 def check_shared_paths(cfg: Config) -> None:

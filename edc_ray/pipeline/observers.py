@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import torch
 
@@ -24,7 +25,7 @@ STREAM_SHUFFLE = 2000  # samples in each rank's shuffle buffer while training ob
 
 def observer_names(cfg: Config) -> list[str]:
     """Run-folder names of the observers: index and architecture (`0-convnet_w128`)."""
-    return [f"{k}-{spec.arch.replace(':', '_')}" for k, spec in enumerate(cfg.observers.models)]
+    return [f"{k}-{re.sub(r'[^A-Za-z0-9_.-]', '_', spec.arch)}" for k, spec in enumerate(cfg.observers.models)]
 
 
 def observers_key(cfg: Config) -> str:

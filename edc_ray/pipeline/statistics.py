@@ -129,8 +129,8 @@ def run_statistics_task(run: RunFolder, task: int, urls: list[str], counts: dict
     k = cfg.init.candidates_per_class
     with PeakMemory() as memory:
         models, pulled = load_models(observers, meta, device) if products.sums else ([], 0)
-        scan = StatisticsPass(models, meta.num_classes, cfg.statistics, meta.mean, meta.std, device) \
-            if products.sums else None
+        scan = StatisticsPass(models, meta.num_classes, cfg.statistics, meta.mean, meta.std, device,
+                              scorers=cfg.init.score_observers) if products.sums else None
         reservoir = CandidateReservoir(meta.num_classes, k, hold_below)
         spec = meta.spec("train", seed=cfg.seed)  # images of any size: a reproducible crop per sample
         loader = DataLoader(TaskSamples(urls, counts, cfg.seed, decode=products.sums, spec=spec),
@@ -227,7 +227,7 @@ def _merge(run: RunFolder, block: int, tasks: int, observers: ObserverSet, cfg: 
         fetched = fetch_payloads(cands)
         if bool(torch.isnan(cands.losses).any()):
             device = torch.device(device) if device else resolve_device(cfg.device, ray.get_gpu_ids())
-            models, _ = load_models(observers, meta, device)
+            models, _ = load_models(observers.subset(cfg.init.score_observers), meta, device)
             score_candidates(models, cands, meta.mean, meta.std, device)
     counts = save_class_files(run, first, stop, sums, cands)
     totals = {name: s.totals().state_dict() for name, s in sums.items()} if sums is not None else {}
@@ -252,7 +252,7 @@ def plan_inputs(cfg: Config, observers: ObserverSet) -> dict:
     flat = flat_config(cfg)
     return {"observers": list(observers.names), "seed": cfg.seed,
             "config": {k: v for k, v in flat.items() if k.startswith(("data.", "statistics.", "observers."))
-                       or k == "init.candidates_per_class"}}
+                       or k in ("init.candidates_per_class", "init.score_observers")}}
 
 
 def task_plan(run: RunFolder, cfg: Config, info: DatasetInfo, observers: ObserverSet) -> list[list[str]]:

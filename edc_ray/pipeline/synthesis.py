@@ -81,38 +81,47 @@ RESTART_GRACE_S = 2.0  # a failed actor's pause before it is probed again (Ray r
 WAITING_NOTICE_S = 10.0  # no usable actor for this long: say what the stage waits for
 
 
-ModelLoader = Callable[[], tuple[list[nn.Module], int]]  # () -> (the synthesis observers' models, bytes pulled)
+ModelLoader = Callable[[list[int]], tuple[list[nn.Module], int]]  # observer indices -> (their models, bytes pulled)
 
 
 class UnitWorker:
-    """Synthesises whole units against the observers `names` (those `synthesis.observers` selects).
+    """Synthesises whole units: optimises against the observers `synthesis.observers` selects and
+    scores mosaic crops with those of `init.score_observers`.
 
-    The Ray-free body of `SynthesisWorker`, also run by the single-process probe. The models come from
-    `load` once (from the object store in an actor), the global statistic totals are read once, and
-    each unit then reads only its own classes' candidates and statistics from the run folder.
+    The Ray-free body of `SynthesisWorker`, also run by the single-process probe. `names` are every
+    observer's; the models a unit needs come from `load` once (from the object store in an actor), the
+    global statistic totals are read once, and each unit then reads only its own classes' candidates
+    and statistics from the run folder.
     """
 
     def __init__(self, name: str, cfg: Config, meta: DatasetMeta, run: RunFolder, names: Sequence[str],
                  load: ModelLoader, device: torch.device):
         self.name, self.cfg, self.meta, self.run, self.device = name, cfg, meta, run, device
-        self.names, self.load = list(names), load
-        self.optimise = cfg.synthesis.iterations > 0
+        self.load = load
+        every = list(range(len(names)))
+        self.optimised = (cfg.synthesis.observers or every) if cfg.synthesis.iterations > 0 else []
+        self.scoring = (cfg.init.score_observers or every) if cfg.init.mode == "mosaic" else []
+        self.names = [names[k] for k in self.optimised]
         self.models: list | None = None
+        self.scorers: list = []
         self.totals: list | None = None
         self.pulled_mib = 0.0
 
     def _setup(self) -> None:
         if self.models is not None:
             return
-        needs_models = self.optimise or self.cfg.init.mode == "mosaic"
-        models, pulled = self.load() if needs_models else ([], 0)
-        self.models, self.pulled_mib = models, pulled / 2**20
-        if self.optimise:
+        needed = list(dict.fromkeys(self.optimised + self.scoring))
+        loaded, pulled = self.load(needed) if needed else ([], 0)
+        by_index = dict(zip(needed, loaded))
+        self.models = [by_index[k] for k in self.optimised]
+        self.scorers = [by_index[k] for k in self.scoring]
+        self.pulled_mib = pulled / 2**20
+        if self.optimised:
             totals = self.run.global_statistics()
             self.totals = [totals[name] for name in self.names]
 
     def _unit_observers(self, classes: list[int]) -> list:
-        if not self.optimise:
+        if not self.optimised:
             return []
         per_class = [self.run.class_statistics(c) for c in classes]
         sums = [ClassStatSums.concat([p[name] for p in per_class]) for name in self.names]
@@ -127,7 +136,7 @@ class UnitWorker:
         def progress(t: int, terms: dict) -> None:
             metrics.synthesis_loss(self.name, terms["loss"])
 
-        return synthesize_class_unit(unit, classes, self.models, self._unit_observers(classes), cands, self.cfg,
+        return synthesize_class_unit(unit, classes, self.scorers, self._unit_observers(classes), cands, self.cfg,
                                      self.meta.mean, self.meta.std, self.device, progress)
 
     def run_unit(self, unit: int, classes: list[int], folder: str) -> dict:
@@ -151,10 +160,9 @@ class SynthesisWorker:
                  folder: str):
         set_threads(cfg.ray.actor_cpus)
         device = resolve_device(cfg.device, ray.get_gpu_ids())
-        chosen = observers.subset(cfg.synthesis.observers)
         self.folder = folder
-        self.worker = UnitWorker(name, cfg, meta, run, chosen.names, lambda: load_models(chosen, meta, device),
-                                 device)
+        self.worker = UnitWorker(name, cfg, meta, run, observers.names,
+                                 lambda indices: load_models(observers.subset(indices), meta, device), device)
 
     def ready(self) -> dict:
         """Who and where this actor is (answered once it is placed and constructed)."""

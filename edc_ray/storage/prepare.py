@@ -7,13 +7,15 @@ stored as lossless PNG. ``image_size`` instead resizes and centre-crops every im
 
 Output is deterministic (same input -> byte-identical shards, whatever ``tasks``) and ``_info.json``
 (timm's form, so timm's ``wds/`` reader reads the result) is written last, as the commit marker: a
-finished root is reused as it is, a half-written one is redone from scratch.
+finished root is reused as it is. A half-written one resumes: each finished shard leaves its summary in
+``<root>/_prepare/`` (after the shard itself), so a re-run with the same arguments writes only the
+shards without one; the folder is removed once the info is written.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ from edc_ray.storage.sources import FileItems, Items, Source, open_source, with_
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> sample field, stored as is
 PROGRESS_MIN = 10_000  # sources with fewer images finish too fast for a progress bar to help
+PROGRESS_FOLDER = "_prepare"  # finished shards' summaries while a prepare runs (removed once it is done)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,19 @@ class ShardSummary:
     sums: list[int] | None
     squares: list[int] | None
     shapes: frozenset[tuple[int, int, int]]  # (H, W, C) of the stored images
+
+    def to_json(self) -> dict:
+        """Plain values (the shapes as a sorted list)."""
+        return {**asdict(self), "shapes": sorted(self.shapes)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ShardSummary":
+        """The summary `to_json` wrote."""
+        return cls(**{**data, "shapes": frozenset(tuple(shape) for shape in data["shapes"])})
+
+
+def _summary_url(out_root: str, job: "ShardJob") -> str:
+    return fsio.join(out_root, PROGRESS_FOLDER, job.name.replace("/", "-") + ".json")
 
 
 def _fit_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -105,7 +121,8 @@ def _samples(job: ShardJob, image_size: int | None) -> Iterable[tuple[str, bytes
 
 def write_source_shard(out_root: str, job: ShardJob, num_classes: int, image_size: int | None,
                        with_stats: bool) -> ShardSummary:
-    """Write one shard of the source (atomically) and summarise it; ``with_stats`` sums its pixels."""
+    """Write one shard of the source (atomically), then its summary (the resume record), and return the
+    summary; ``with_stats`` sums its pixels."""
     counts, shapes, pixels_seen = [0] * num_classes, set(), 0
     sums = squares = None
     samples = []
@@ -120,9 +137,11 @@ def write_source_shard(out_root: str, job: ShardJob, num_classes: int, image_siz
             squares = part_sq if squares is None else squares + part_sq
             pixels_seen += flat.shape[0]
     count = write_shard(fsio.join(out_root, job.name), samples)
-    return ShardSummary(job.split, job.name, count, counts, pixels_seen,
-                        None if sums is None else sums.tolist(), None if squares is None else squares.tolist(),
-                        frozenset(shapes))
+    summary = ShardSummary(job.split, job.name, count, counts, pixels_seen,
+                           None if sums is None else sums.tolist(), None if squares is None else squares.tolist(),
+                           frozenset(shapes))
+    fsio.atomic_write_json(_summary_url(out_root, job), summary.to_json())
+    return summary
 
 
 def shard_jobs(opened: Source, shard_size: int) -> list[ShardJob]:
@@ -134,29 +153,33 @@ def shard_jobs(opened: Source, shard_size: int) -> list[ShardJob]:
 
 def _run_jobs(out_root: str, jobs: list[ShardJob], num_classes: int, image_size: int | None, stats_split: str,
               tasks: int, desc: str) -> list[ShardSummary]:
-    """Write every shard, in this process (``tasks`` 1) or as Ray tasks; summaries in job order."""
-    total = sum(len(job.items) for job in jobs)
+    """Write every shard not finished by an earlier run, in this process (``tasks`` 1) or as Ray tasks;
+    every shard's summary, in job order."""
+    finished = {job.name: ShardSummary.from_json(fsio.read_json(url)) for job in jobs
+                if fsio.exists(url := _summary_url(out_root, job))}
+    todo = [job for job in jobs if job.name not in finished]
+    total = sum(len(job.items) for job in todo)
     with tqdm(total=total, desc=desc, unit="img", disable=total < PROGRESS_MIN) as bar:
         if tasks <= 1:
-            summaries = []
-            for job in jobs:
-                summaries.append(write_source_shard(out_root, job, num_classes, image_size, job.split == stats_split))
+            for job in todo:
+                finished[job.name] = write_source_shard(out_root, job, num_classes, image_size,
+                                                        job.split == stats_split)
                 bar.update(len(job.items))
-            return summaries
+            return [finished[job.name] for job in jobs]
         import ray
 
         remote = ray.remote(num_cpus=1, max_retries=3)(write_source_shard)
         refs, in_flight = [], {}
-        for job in jobs:  # at most `tasks` shards in flight: only their items are in the object store
+        for job in todo:  # at most `tasks` shards in flight: only their items are in the object store
             if len(in_flight) >= tasks:
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 bar.update(in_flight.pop(done[0]))
             ref = remote.remote(out_root, job, num_classes, image_size, job.split == stats_split)
             refs.append(ref)
             in_flight[ref] = len(job.items)
-        summaries = ray.get(refs)
+        finished.update((summary.name, summary) for summary in ray.get(refs))
         bar.update(sum(in_flight.values()))
-    return summaries
+    return [finished[job.name] for job in jobs]
 
 
 def _pixel_stats(summaries: list[ShardSummary]) -> tuple[list[float], list[float]]:
@@ -214,11 +237,19 @@ def _finished(out_root: str, request: dict[str, Any]) -> DatasetInfo | None:
 
 
 def _remove_outputs(out_root: str) -> None:
-    """Delete the commit marker first, then every shard (and leftover temp file) of an earlier run."""
+    """Delete the commit marker first, then every shard (and leftover temp file) of an earlier run and
+    its resume records."""
     fsio.remove(info_url(out_root))
+    fsio.remove_tree(fsio.join(out_root, PROGRESS_FOLDER))
     for split in fsio.list_dirs(out_root):
         for url in fsio.list_files(fsio.join(out_root, split), "shard-*.tar*"):
             fsio.remove(url)
+
+
+def _resumable(out_root: str, request: dict[str, Any]) -> bool:
+    """Whether ``out_root`` holds a half-written prepare of the same ``request`` (it records it first)."""
+    url = fsio.join(out_root, PROGRESS_FOLDER, "_request.json")
+    return fsio.exists(url) and fsio.read_json(url) == request
 
 
 def prepare_dataset(
@@ -248,10 +279,13 @@ def prepare_dataset(
     if not overwrite and (finished := _finished(out_root, request)) is not None:
         return finished
     opened = open_source(source, src, **options)  # fails on a bad source before anything is deleted
-    _remove_outputs(out_root)
+    if overwrite or not _resumable(out_root, request):
+        _remove_outputs(out_root)
+        fsio.atomic_write_json(fsio.join(out_root, PROGRESS_FOLDER, "_request.json"), request)
     info = _convert(opened, out_root, shard_size, image_size, name or opened.name, tasks)
     info.prepared_with = request
     write_info(out_root, info)  # last: the commit marker
+    fsio.remove_tree(fsio.join(out_root, PROGRESS_FOLDER))
     return info
 
 
