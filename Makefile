@@ -1,5 +1,5 @@
 # One-command setup: every target creates (or reuses) .venv and installs the pinned set into it.
-#   make demo    run the embedded default (python jobs/condense.py on scikit-learn's digits)
+#   make demo    run the embedded default (edc-ray condense on scikit-learn's digits)
 #   make test    run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python jobs/condense.py $(ARGS)
+	$(BIN)/edc-ray condense $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,4 +1,5 @@
-"""What the job scripts share: the `--config` / `--set` arguments and loading them with clear errors."""
+"""What the commands share: the `--config` / `--set` arguments, the config keys for `--help`, and
+loading the config with clear errors."""
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,35 @@ T = TypeVar("T")
 USER_ERRORS = (ConfigError, DataError, ClusterError, RunFolderBusy, ShardReadError, PretrainedWeightsError,
                pickle.UnpicklingError, FileNotFoundError, PermissionError)
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets", "demo.yaml")  # installed with it
+
+
+def config_keys_help() -> str:
+    """Every config key `--set` takes, with its default (the method's preset may change it), by section."""
+    from edc_ray.config import Config, flat_config
+
+    lines = ["config keys (--set KEY=VALUE; the value is YAML; defaults before the method's preset):"]
+    current = ""
+    for key, value in flat_config(Config()).items():
+        section = key.rpartition(".")[0]
+        if section and section != current:
+            lines.append(f"  {section}:")
+            current = section
+        lines.append(f"{'    ' if section else '  '}{key} = {value!r}")
+    return "\n".join(lines)
+
+
+def command_parser(prog: str, description: str, config_keys: bool = True) -> argparse.ArgumentParser:
+    """An `edc-ray <command>` parser; with `config_keys` its --help ends with every config key."""
+    return argparse.ArgumentParser(prog=prog, description=description,
+                                   epilog=config_keys_help() if config_keys else None,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config` (default: configs/demo.yaml) and repeatable `--set KEY=VALUE` overrides."""
-    parser.add_argument("--config", default=DEMO_CONFIG, help="YAML config (default: configs/demo.yaml)")
+    """`--config` (default: the embedded demo) and repeatable `--set KEY=VALUE` overrides."""
+    parser.add_argument("--config", default=DEMO_CONFIG,
+                        help="YAML config (default: the embedded demo, edc_ray/presets/demo.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set synthesis.iterations=200 (repeatable)")
     parser.add_argument("--break-lease", action="store_true",

@@ -1,6 +1,6 @@
 """One typed config for the whole pipeline: dataclasses loaded from YAML, CLI overrides on top.
 
-    cfg = load_config("configs/demo.yaml", overrides=["synthesis.iterations=200"])
+    cfg = load_config("configs/fashion-mnist/edc_ipc10.yaml", overrides=["synthesis.iterations=200"])
 
 Unknown keys, wrong types and out-of-range values raise `ConfigError` before any work starts; the
 message names the dotted path, the bad value and what is allowed.

@@ -11,7 +11,7 @@ from edc_ray.benchmarks import probe
 from edc_ray.config import apply_override
 from edc_ray.storage import fsio
 from edc_ray.storage.shards import iter_samples
-from test_pipeline import tiny_overrides
+from tiny import tiny_overrides
 
 pytestmark = pytest.mark.slow
 JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")

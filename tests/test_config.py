@@ -9,6 +9,7 @@ import yaml
 
 from edc_ray.benchmarks import probe
 from edc_ray.benchmarks.grid import cell_config, cells, check_not_stale, load_grid
+from edc_ray.cli import DEMO_CONFIG
 from edc_ray.config import Config, ConfigError, dump_config, load_config, to_dict
 from edc_ray.pipeline.run import absolute_paths, check_run_folder, prepare_data
 from edc_ray.storage.prepare import prepare_dataset
@@ -17,7 +18,7 @@ from edc_ray.storage.run_folder import RunFolder
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_YAML = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 GRIDS = [p for p in ALL_YAML if "datasets" in (yaml.safe_load(open(p)) or {})]  # benchmark grids
-CONFIGS = [p for p in ALL_YAML if p not in GRIDS]
+CONFIGS = [p for p in ALL_YAML if p not in GRIDS] + [DEMO_CONFIG]
 
 
 def write(tmp_path, data) -> str:
@@ -131,7 +132,7 @@ def test_condense_job_names_the_changed_keys_of_a_finished_run_folder(tmp_path, 
     condense = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(condense)
     args = ["--set", f"data.root={tmp_path / 'digits'}", "--set", f"output.run_dir={tmp_path / 'run'}"]
-    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), [a for a in args if a != "--set"])
+    cfg = load_config(DEMO_CONFIG, [a for a in args if a != "--set"])
     absolute_paths(cfg)
     _run_folder_with(tmp_path, cfg, ["observers/0-convnet_d2.json"])
     assert condense.main(args + ["--set", "observers.epochs=3"]) == 2

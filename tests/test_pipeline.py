@@ -4,33 +4,13 @@ import os
 import pytest
 from PIL import Image
 
-from edc_ray.config import load_config
 from edc_ray.pipeline.evaluation import evaluation_key
 from edc_ray.pipeline.run import run_pipeline
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.shards import iter_samples, load_split
+from tiny import tiny_config
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_overrides(src: str, data_root: str, run_dir: str, evaluate: bool = True) -> list[str]:
-    """The tiny pipeline's settings as `--set` overrides."""
-    return [
-        f"data.root={data_root}", "data.source=imagefolder", f"data.src={src}", "data.shard_size=25",
-        "observers.models=[{arch: convnet_d2}]", "observers.epochs=2", "observers.batch_size=16",
-        "observers.crop_padding=0", "observers.flip=false",
-        "init.candidates_per_class=10", "synthesis.ipc=2", "synthesis.classes_per_unit=1",
-        "synthesis.iterations=5", "evaluation.epochs=2", "evaluation.batch_size=2",
-        "evaluation.eval_every=0", "evaluation.val_batch_size=16", "evaluation.seeds=[0, 1]",
-        f"evaluation.students={'[convnet_d2]' if evaluate else '[]'}",
-        f"evaluation.random_baseline={'true' if evaluate else 'false'}",
-        "ray.synthesis_actors=2", "ray.actor_cpus=0.5", "ray.train_workers=2",
-        "ray.train_worker_cpus=0.5", "ray.stats_tasks=2", f"output.run_dir={run_dir}",
-    ]
-
-
-def tiny_config(src: str, data_root: str, run_dir: str, evaluate: bool = True):
-    return load_config(None, tiny_overrides(src, data_root, run_dir, evaluate))
 
 
 def shard_bytes(run_dir: str) -> dict[str, bytes]:

@@ -18,8 +18,7 @@ from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.dataset_info import read_info
 from edc_ray.storage.images import encode_png
 from edc_ray.storage.shards import ShardReadError, iter_samples, load_split, write_shard
-from test_pipeline import tiny_config
-from tiny import make_tiny
+from tiny import make_tiny, tiny_config
 
 pytestmark = pytest.mark.s3
 

@@ -1,9 +1,10 @@
 """Shared test helpers: a tiny generated image dataset (each class a bright square at its own place),
-synthesis-stage inputs, a Ray Train loop that records its resumes, and free ports."""
+the tiny pipeline's config, synthesis-stage inputs, a Ray Train loop that records its resumes, and free
+ports."""
 import torch
 
 from edc_ray.algo.observer import train_observer
-from edc_ray.config import ObserversConfig
+from edc_ray.config import ObserversConfig, load_config
 from edc_ray.models import create_model
 
 MEAN, STD = [0.2], [0.3]
@@ -109,3 +110,24 @@ def free_ports(count: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
+
+
+def tiny_overrides(src: str, data_root: str, run_dir: str, evaluate: bool = True) -> list[str]:
+    """The tiny pipeline's settings as `--set` overrides."""
+    return [
+        f"data.root={data_root}", "data.source=imagefolder", f"data.src={src}", "data.shard_size=25",
+        "observers.models=[{arch: convnet_d2}]", "observers.epochs=2", "observers.batch_size=16",
+        "observers.crop_padding=0", "observers.flip=false",
+        "init.candidates_per_class=10", "synthesis.ipc=2", "synthesis.classes_per_unit=1",
+        "synthesis.iterations=5", "evaluation.epochs=2", "evaluation.batch_size=2",
+        "evaluation.eval_every=0", "evaluation.val_batch_size=16", "evaluation.seeds=[0, 1]",
+        f"evaluation.students={'[convnet_d2]' if evaluate else '[]'}",
+        f"evaluation.random_baseline={'true' if evaluate else 'false'}",
+        "ray.synthesis_actors=2", "ray.actor_cpus=0.5", "ray.train_workers=2",
+        "ray.train_worker_cpus=0.5", "ray.stats_tasks=2", f"output.run_dir={run_dir}",
+    ]
+
+
+def tiny_config(src: str, data_root: str, run_dir: str, evaluate: bool = True):
+    """The tiny pipeline's config (an ImageFolder at `src`, prepared into `data_root` on first use)."""
+    return load_config(None, tiny_overrides(src, data_root, run_dir, evaluate))

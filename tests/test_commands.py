@@ -1,0 +1,53 @@
+"""The `edc-ray` command: its subcommands, their --help (with the config keys), errors, and the demo."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from edc_ray.commands import COMMANDS, main
+
+BIN = os.path.dirname(sys.executable)  # the venv's bin folder, where pip installed the edc-ray script
+
+
+def edc_ray(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The installed `edc-ray` script, run as a user would."""
+    return subprocess.run([os.path.join(BIN, "edc-ray"), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_command_lists_its_subcommands_and_refuses_others(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+    assert main(["distil"]) == 2
+    assert "unknown command 'distil'; choose one of condense, prepare" in capsys.readouterr().err
+    assert main([]) == 2
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_subcommand_has_help(command):
+    done = edc_ray(command, "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: edc-ray {command}")
+    takes_config = command in ("condense", "evaluate", "benchmark")
+    assert ("synthesis.iterations = 200" in done.stdout) == takes_config  # every config key, with its default
+    assert ("init.score_observers = None" in done.stdout) == takes_config
+
+
+def test_report_of_a_folder_that_is_not_a_run(tmp_path):
+    done = edc_ray("report", str(tmp_path))
+    assert done.returncode == 2 and "is not a finished run folder" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_demo_runs_through_the_command_and_reports(tmp_path):
+    run = tmp_path / "run"
+    small = ["observers.epochs=1", "synthesis.iterations=2", "evaluation.epochs=1", "evaluation.seeds=[0]",
+             f"data.root={tmp_path / 'digits'}", f"output.run_dir={run}", "ray.synthesis_actors=1"]
+    done = edc_ray("condense", *[arg for s in small for arg in ("--set", s)], timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"run folder: {run}" in done.stdout and "final top-1" in done.stdout
+    (run / "report.md").unlink()
+    shown = edc_ray("report", str(run), "--write")
+    assert shown.returncode == 0 and shown.stdout.startswith("# edc-ray report: digits / edc / IPC 2")
+    assert (run / "report.md").read_text() == shown.stdout
