@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from edc_ray.benchmarks import probe
+from benchmarks import probe
 from edc_ray.config import apply_override
 from edc_ray.storage import fsio
 from edc_ray.storage.shards import iter_samples

@@ -1,7 +1,7 @@
 """The measurement commands' own pieces: the ImageNet-shaped generator and the Ray-free GPU timing script."""
 import pytest
 
-from edc_ray.benchmarks import gpu, scale
+from benchmarks import gpu, scale
 from edc_ray.storage.shards import iter_samples
 
 

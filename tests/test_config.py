@@ -7,8 +7,8 @@ import os
 import pytest
 import yaml
 
-from edc_ray.benchmarks import probe
-from edc_ray.benchmarks.grid import cell_config, cells, check_not_stale, load_grid
+from benchmarks import probe
+from edc_ray.pipeline.grid import cell_config, cells, check_not_stale, load_grid
 from edc_ray.cli import DEMO_CONFIG
 from edc_ray.config import Config, ConfigError, dump_config, load_config, to_dict
 from edc_ray.pipeline.run import absolute_paths, check_run_folder, prepare_data

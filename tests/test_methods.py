@@ -5,7 +5,8 @@ import yaml
 
 from edc_ray.algo.condense import accumulate_statistics, build_observers, condense
 from edc_ray.algo.stats import StatisticHooks
-from edc_ray.benchmarks.grid import Cell, Grid, cell_config, cells, load_grid, markdown_tables, share, shared_folders
+from edc_ray.pipeline.grid import (Cell, Grid, cell_config, cells, load_grid, markdown_tables, share,
+                                   shared_folders)
 from edc_ray.config import METHODS, ConfigError, StatisticsConfig, load_config
 from edc_ray.storage import fsio
 from edc_ray.storage.export import export_imagefolder, imagefolder_shard

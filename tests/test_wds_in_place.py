@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edc_ray.benchmarks.timm_layout import jpeg, photo, write_timm_layout
+from benchmarks.timm_layout import jpeg, photo, write_timm_layout
 from edc_ray.config import ConfigError, load_config
 from edc_ray.pipeline.run import prepare_data, run_pipeline
 from edc_ray.storage import ImageFit, encode_png, fsio, prepare_dataset

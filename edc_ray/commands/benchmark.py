@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from edc_ray.benchmarks.grid import cell_config, cells, check_not_stale, load_grid, run_cell, write_tables
+from edc_ray.pipeline.grid import cell_config, cells, check_not_stale, load_grid, run_cell, write_tables
 from edc_ray.cli import command_parser
 from edc_ray.config import ConfigError
 from edc_ray.pipeline.run import start_ray

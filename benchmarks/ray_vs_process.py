@@ -1,6 +1,6 @@
 """Synthesis through 2 single-thread Ray actors vs the same units in one process with 2 threads.
 
-    python -m edc_ray.benchmarks.ray_vs_process --units 4 --classes-per-unit 5 --ipc 10 --iterations 40
+    python -m benchmarks.ray_vs_process --units 4 --classes-per-unit 5 --ipc 10 --iterations 40
 
 Observers are ConvNet-W128 and ConvNet-W64 on 28x28 grayscale with targets from random images (the
 cost does not depend on the values), stored in a temporary run folder as the statistics stage would.

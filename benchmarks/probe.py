@@ -1,7 +1,7 @@
 """A Ray-free probe of one grid cell: synthesise and evaluate in this process, against the observers
 and statistics a benchmark grid already computed for the dataset, with extra overrides on top.
 
-    python -m edc_ray.benchmarks.probe --grid configs/benchmark/small.yaml --dataset mnist --ipc 1 \
+    python -m benchmarks.probe --grid configs/benchmark/small.yaml --dataset mnist --ipc 1 \
         --seeds 0 1 --set synthesis.flip=false
 
 It answers "what would this change do to that cell" in minutes, one core, without a cluster: the
@@ -20,7 +20,7 @@ import torch
 
 from edc_ray.algo.condense import make_units, selected
 from edc_ray.algo.student import train_student
-from edc_ray.benchmarks.grid import Cell, cell_config, load_grid, shared_folders
+from edc_ray.pipeline.grid import Cell, cell_config, load_grid, shared_folders
 from edc_ray.config import ConfigError
 from edc_ray.pipeline.common import DatasetMeta, build_model
 from edc_ray.pipeline.evaluation import load_images

@@ -2,7 +2,7 @@
 crop, PNG re-encode: ``--image-size 224``) against the new one (original bytes kept), 1 task against
 N Ray tasks; then read + decode + fit to 224 px of the kept JPEG shards against the 224 px PNG shards.
 
-    python -m edc_ray.benchmarks.prepare_throughput --images 400 --tasks 2
+    python -m benchmarks.prepare_throughput --images 400 --tasks 2
 
 The images are generated (a smooth per-class pattern plus noise, JPEG quality 90, sides 300-500 px),
 so bytes per image depend on that content; the ratios between paths are what carries over.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edc_ray.benchmarks.timm_layout import jpeg, photo
+from benchmarks.timm_layout import jpeg, photo
 from edc_ray.storage import ImageFit, prepare_dataset
 from edc_ray.storage.dataset_info import read_info
 from edc_ray.storage.shards import SampleSpec, iter_samples

@@ -1,7 +1,7 @@
 """Overhead of the resume checks: re-running a job whose run folder is already complete.
 
-    python -m edc_ray.benchmarks.resume_overhead --repeats 3
-    python -m edc_ray.benchmarks.resume_overhead --repeats 3 --s3     # dataset and run folder in S3 too
+    python -m benchmarks.resume_overhead --repeats 3
+    python -m benchmarks.resume_overhead --repeats 3 --s3     # dataset and run folder in S3 too
 
 Run from the repository root. A tiny job on scikit-learn's digits (1 ConvNet-D2 observer x 1 epoch,
 2 units x 10 iterations at IPC 2, ConvNet-D2 students x 2 epochs on the distilled and the random
@@ -32,7 +32,7 @@ from typing import Iterator
 import ray
 import yaml
 
-from edc_ray.benchmarks.stream_throughput import REPO
+from benchmarks.stream_throughput import REPO
 from edc_ray.config import load_config
 from edc_ray.pipeline.run import run_pipeline, start_ray
 from edc_ray.storage.local_s3 import SeaweedS3, environ

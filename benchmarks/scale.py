@@ -1,8 +1,8 @@
 """Memory of the data path at ImageNet shape: does anything grow with the number of images?
 
-    python -m edc_ray.benchmarks.scale --quick                 # N = 5,000 and 20,000 (a few minutes)
-    python -m edc_ray.benchmarks.scale                         # N = 20,000, 80,000 and 320,000
-    python -m edc_ray.benchmarks.scale --images 20000 --candidates-per-class 300
+    python -m benchmarks.scale --quick                 # N = 5,000 and 20,000 (a few minutes)
+    python -m benchmarks.scale                         # N = 20,000, 80,000 and 320,000
+    python -m benchmarks.scale --images 20000 --candidates-per-class 300
 
 For each N it generates (once, under `--root`) an ImageNet-shaped dataset on local disk: 1000 classes,
 RGB 32x32 PNG, N training images in shards of 1000 with the classes interleaved across shards as in
@@ -76,7 +76,7 @@ def generate(root: str, images: int, seed: int = 0) -> DatasetInfo:
             shards.append(name)
         splits[split] = SplitInfo(split, count, shards, shard_counts, np.bincount(labels, minlength=CLASSES).tolist())
     info = DatasetInfo("imagenet-shaped", [f"n{c:08d}" for c in range(CLASSES)], SIZE, 3, [0.5] * 3, [0.25] * 3,
-                       splits, {"generator": "edc_ray.benchmarks.scale", "images": images, "seed": seed})
+                       splits, {"generator": "benchmarks.scale", "images": images, "seed": seed})
     write_info(root, info)
     return info
 

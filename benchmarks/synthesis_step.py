@@ -1,7 +1,7 @@
 """Cost of one synthesis iteration vs a bare forward + backward of the same observer: time and ATen ops.
 
-    python -m edc_ray.benchmarks.synthesis_step --arch torchvision:resnet18 --size 112 --batch 10 --threads 1
-    python -m edc_ray.benchmarks.synthesis_step --arch torchvision:mobilenet_v2 --size 112 --json
+    python -m benchmarks.synthesis_step --arch torchvision:resnet18 --size 112 --batch 10 --threads 1
+    python -m benchmarks.synthesis_step --arch torchvision:mobilenet_v2 --size 112 --json
 
 The unit is `batch` RGB images of 1000 classes (ImageNet-shaped; `--channels 1 --classes 10` for the
 small datasets); the observer has random weights and targets from one pass of random images (the cost

@@ -8,7 +8,7 @@
 Images are JPEGs (quality 90) of random sizes, a per-class colour pattern plus noise, so observers can
 learn something from them. Used by the tests and by ``stream_throughput --layout timm``.
 
-    python -m edc_ray.benchmarks.timm_layout --out /tmp/tiny-wds --classes 10 --per-class 50
+    python -m benchmarks.timm_layout --out /tmp/tiny-wds --classes 10 --per-class 50
 """
 from __future__ import annotations
 

@@ -1,1 +1,0 @@
-"""Measurement commands whose figures go into docs/benchmarks.md."""
