@@ -10,3 +10,7 @@ class DataError(ValueError):
 class ClusterError(RuntimeError):
     """The Ray cluster cannot run what the config asks for (node-local paths on several nodes, resources
     no node offers); the message names the request and what the cluster has."""
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message says what is allowed."""

@@ -26,12 +26,13 @@ def job(name: str):
 
 def tiny_grid(tmp_path, src: str) -> str:
     base: dict = {}
-    for assignment in tiny_overrides(src, str(tmp_path / "data"), str(tmp_path / "unused")):
+    for assignment in tiny_overrides(src, str(tmp_path / "data"), str(tmp_path / "unused"), iterations=None):
         apply_override(base, assignment)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     grid = {"output": str(tmp_path / "bench"), "datasets": {"tiny": str(tmp_path / "base.yaml")},
             "methods": ["edc", "random", "rded"], "ipc": [2], "students": ["convnet_d2"],
-            "seeds": {"default": [0]}, "published": {"tiny": {2: 50.0}}}
+            "seeds": {"default": [0]}, "per_method": {"edc": ["synthesis.iterations=5"]},
+            "published": {"tiny": {2: 50.0}}}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     return str(tmp_path / "grid.yaml")
 

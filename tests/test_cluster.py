@@ -19,6 +19,8 @@ import yaml
 
 import ray.autoscaler
 
+from edc_ray.config import load_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, "cluster")
 AWS_YAML = os.path.join(CLUSTER, "aws.yaml")
@@ -163,10 +165,9 @@ def cpu_only_demands() -> list[tuple[str, dict, int]]:
     of export tasks (1 CPU each)."""
     demands = [("export", {"CPU": 1.0}, 8)]
     for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*", "edc_ipc*.yaml"))):
-        r = load(path).get("ray", {})
-        if r.get("address") == "auto" and not r.get("stats_gpus", 0):
-            demands.append((os.path.relpath(path, ROOT), {"CPU": float(r.get("stats_cpus", 1.0))},
-                            int(r.get("stats_tasks", 2))))
+        r = load_config(path).ray  # (the ray section comes from the dataset's base.yaml)
+        if r.address == "auto" and not r.stats_gpus:
+            demands.append((os.path.relpath(path, ROOT), {"CPU": r.stats_cpus}, r.stats_tasks))
     return demands
 
 
@@ -187,11 +188,11 @@ def test_cpu_only_work_starts_cpu_workers_never_gpu_workers(layout, version):
 @pytest.mark.parametrize("layout", ["aws", "kuberay"])
 def test_gpu_actors_start_gpu_workers_only(layout, version):
     config = autoscaling_configs()[layout]
-    preset = load(os.path.join(ROOT, "configs", "cifar10", "edc_ipc10.yaml"))["ray"]
-    bundle = {"CPU": float(preset["actor_cpus"]), "GPU": float(preset["actor_gpus"])}
-    added, infeasible = launched_types(config, bundle, preset["synthesis_actors"], version)
+    preset = load_config(os.path.join(ROOT, "configs", "cifar10", "edc_ipc10.yaml")).ray
+    bundle = {"CPU": preset.actor_cpus, "GPU": preset.actor_gpus}
+    added, infeasible = launched_types(config, bundle, preset.synthesis_actors, version)
     assert not infeasible and set(added) <= gpu_type_names(config), added
-    assert sum(added.values()) == preset["synthesis_actors"]  # one 1-GPU node per actor
+    assert sum(added.values()) == preset.synthesis_actors  # one 1-GPU node per actor
 
 
 def test_aws_installs_the_repo_with_the_pinned_set():
@@ -298,10 +299,10 @@ def test_rayjob_metadata_tells_runs_apart():
     sets = dict(entrypoint[i + 1].split("=", 1) for i, t in enumerate(entrypoint) if t == "--set")
     assert metadata["run_dir"] == sets["output.run_dir"]
     config = entrypoint[entrypoint.index("--config") + 1].split("/edc-ray/", 1)[1]  # configs/<dataset>/...
-    preset = load(os.path.join(ROOT, config))
-    assert metadata["method"] == preset["method"]
+    preset = load_config(os.path.join(ROOT, config))
+    assert metadata["method"] == preset.method
     assert metadata["dataset"] == config.split("/")[1]
-    assert metadata["ipc"] == str(preset["synthesis"]["ipc"])
+    assert metadata["ipc"] == str(preset.synthesis.ipc)
 
 
 def kuberay_groups(spec, gpu: bool) -> list:
@@ -375,10 +376,8 @@ def test_rayjob_entrypoint_names_existing_job_and_config():
     config = in_repo(entrypoint[entrypoint.index("--config") + 1])
     assert os.path.relpath(config, ROOT).startswith("configs" + os.sep) and os.path.isfile(config)
 
-    preset = load(config)  # each --set names a key the preset has (edc_ray.config rejects unknown keys)
-    for tok in (entrypoint[i + 1] for i, t in enumerate(entrypoint) if t == "--set"):
-        section, key = tok.split("=", 1)[0].split(".")
-        assert key in preset[section], tok
+    overrides = [entrypoint[i + 1] for i, t in enumerate(entrypoint) if t == "--set"]
+    load_config(config, overrides)  # the config with the job's --set overrides loads (unknown keys would not)
 
 
 # --- runtime env and image -------------------------------------------------------------------------

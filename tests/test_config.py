@@ -11,7 +11,8 @@ from benchmarks import probe
 from edc_ray.pipeline.grid import cell_config, cells, check_not_stale, load_grid
 from edc_ray.cli import DEMO_CONFIG
 from edc_ray.config import Config, ConfigError, dump_config, load_config, to_dict
-from edc_ray.pipeline.run import absolute_paths, check_run_folder, prepare_data
+from edc_ray.pipeline.resume import check_run_folder
+from edc_ray.pipeline.run import absolute_paths, prepare_data
 from edc_ray.storage.prepare import prepare_dataset
 from edc_ray.storage.run_folder import RunFolder
 
@@ -168,6 +169,29 @@ def test_overrides_apply_on_top_of_the_file(tmp_path):
     assert cfg.evaluation.students == ["convnet", "resnet18_cifar"]
     assert cfg.observers.models[0].arch == "convnet_w64" and cfg.observers.models[0].weights == "w.pt"
     assert load_config(None, ["synthesis.betas=[0.4, 0.8]"]).synthesis.betas == (0.4, 0.8)
+
+
+def test_a_config_file_layers_over_its_base_file(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "base.yaml").write_text("synthesis: {ipc: 3, iterations: 10}\nseed: 4\n")
+    (tmp_path / "shared" / "edc.yaml").write_text("base: base.yaml\nsynthesis: {iterations: 20}\n")
+    (tmp_path / "ipc5.yaml").write_text("base: shared/edc.yaml\nsynthesis: {ipc: 5}\n")
+    cfg = load_config(str(tmp_path / "ipc5.yaml"), ["seed=6"])  # paths relative to the including file
+    assert (cfg.synthesis.ipc, cfg.synthesis.iterations, cfg.seed) == (5, 20, 6)
+    (tmp_path / "shared" / "base.yaml").write_text("base: ../ipc5.yaml\n")
+    with pytest.raises(ConfigError, match=r"`base:` files include each other \(.*ipc5.yaml -> .*edc.yaml -> "
+                                          r".*base.yaml -> .*ipc5.yaml\)"):
+        load_config(str(tmp_path / "ipc5.yaml"))
+    (tmp_path / "lost.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml' \(the base of .*lost.yaml'\) does not exist"):
+        load_config(str(tmp_path / "lost.yaml"))
+
+
+def test_dataset_configs_do_not_fix_a_method(monkeypatch):
+    monkeypatch.chdir(REPO)
+    for base in glob.glob("configs/*/base.yaml"):
+        for method in ("edc", "sre2l", "gvbsm", "rded", "random"):
+            assert load_config(base, [f"method={method}"]).method == method
 
 
 def test_unknown_key_names_key_path_and_allowed(tmp_path):

@@ -33,18 +33,33 @@ def test_every_method_and_protocol_loads_with_its_preset():
     assert (rded.loss, rded.zeta, rded.ema_decay) == ("kl", 2.0, 0.0)
 
 
-def test_explicit_values_beat_preset_defaults_but_not_fixed_choices(tmp_path):
+def test_explicit_values_beat_preset_defaults(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"method": "sre2l", "synthesis": {"lr": 0.1, "iterations": 7,
-                                                                     "alpha": 0.5},
+    path.write_text(yaml.safe_dump({"method": "sre2l", "synthesis": {"lr": 0.1, "iterations": 7, "alpha": 1.0},
                                     "evaluation": {"protocol": "sre2l", "batch_size": 8}}))
     cfg = load_config(str(path))
     assert cfg.synthesis.lr == 0.1 and cfg.synthesis.iterations == 7  # defaults and budget: yours
-    assert cfg.synthesis.alpha == 1.0  # global matching defines SRe2L
+    assert cfg.synthesis.alpha == 1.0  # a fixed key may be given at its fixed value
     assert cfg.evaluation.batch_size == 8 and cfg.evaluation.loss == "kl"
-    rded = load_config(None, ["method=rded", "synthesis.iterations=100"])
+    rded = load_config(None, ["method=rded"])
     assert rded.synthesis.iterations == 0 and rded.init.mode == "mosaic"
     assert rded.init.score_observers == [0]  # RDED scores with its one observer
+
+
+@pytest.mark.parametrize("method, assignment, fixed", [
+    ("sre2l", "synthesis.alpha=0.5", "1.0"), ("rded", "synthesis.iterations=100", "0"),
+    ("random", "init.mode=real", "'random'"), ("gvbsm", "synthesis.match=[bn]", r"\['bn', 'conv', 'patch'\]"),
+    ("rded", "init.score_observers=[0, 1]", r"\[0\]")])
+def test_a_key_the_method_fixes_to_another_value_is_refused(tmp_path, method, assignment, fixed):
+    key, value = assignment.split("=")
+    expected = rf"{key}: .* conflicts with method '{method}', which fixes it to {fixed}; leave the key out"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [f"method={method}", "observers.models=[{arch: convnet}, {arch: convnet_bn}]", assignment])
+    path = tmp_path / "c.yaml"  # from a file as from an override
+    path.write_text(f"method: {method}\nobservers: {{models: [{{arch: convnet}}, {{arch: convnet_bn}}]}}\n"
+                    f"{key.split('.')[0]}: {{{key.split('.')[1]}: {value}}}\n")
+    with pytest.raises(ConfigError, match=expected):
+        load_config(str(path))
 
 
 def test_bad_method_protocol_and_matching_are_named():
@@ -100,7 +115,8 @@ def test_every_synthesising_method_condenses(tiny, method):
     images, labels, models = tiny
     cfg = load_config(None, [f"method={method}", "statistics.patch_size=4", "statistics.batch_size=16",
                              "init.candidates_per_class=10", "synthesis.ipc=2",
-                             "synthesis.classes_per_unit=3", "synthesis.iterations=3", "seed=1"])
+                             "synthesis.classes_per_unit=3", "seed=1"]
+                      + ([] if method == "rded" else ["synthesis.iterations=3"]))
     out, out_labels = condense(models, images, labels, 3, MEAN, STD, cfg)
     assert out.dtype == torch.uint8 and out.shape == (6, 1, 12, 12)
     assert out_labels.tolist() == [0, 0, 1, 1, 2, 2]

@@ -36,7 +36,7 @@ def config(root: str, run_dir: str, *overrides: str):
     return load_config(None, [f"data.root={root}", "observers.models=[{arch: convnet_d2}, {arch: convnet_bn}]",
                               "statistics.batch_size=25", "statistics.loader_workers=2", "statistics.patch_size=4",
                               "init.candidates_per_class=7", "synthesis.ipc=2", "synthesis.classes_per_unit=1",
-                              "synthesis.iterations=3", "ray.stats_tasks=2", "ray.stats_cpus=0.5",
+                              "ray.stats_tasks=2", "ray.stats_cpus=0.5",
                               "ray.actor_cpus=0.5", f"output.run_dir={run_dir}", *overrides])
 
 

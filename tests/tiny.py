@@ -112,14 +112,15 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def tiny_overrides(src: str, data_root: str, run_dir: str, evaluate: bool = True) -> list[str]:
-    """The tiny pipeline's settings as `--set` overrides."""
+def tiny_overrides(src: str, data_root: str, run_dir: str, evaluate: bool = True,
+                   iterations: int | None = 5) -> list[str]:
+    """The tiny pipeline's settings as `--set` overrides (`iterations` None: the method's own)."""
     return [
         f"data.root={data_root}", "data.source=imagefolder", f"data.src={src}", "data.shard_size=25",
         "observers.models=[{arch: convnet_d2}]", "observers.epochs=2", "observers.batch_size=16",
         "observers.crop_padding=0", "observers.flip=false",
         "init.candidates_per_class=10", "synthesis.ipc=2", "synthesis.classes_per_unit=1",
-        "synthesis.iterations=5", "evaluation.epochs=2", "evaluation.batch_size=2",
+        *([f"synthesis.iterations={iterations}"] if iterations is not None else []), "evaluation.epochs=2", "evaluation.batch_size=2",
         "evaluation.eval_every=0", "evaluation.val_batch_size=16", "evaluation.seeds=[0, 1]",
         f"evaluation.students={'[convnet_d2]' if evaluate else '[]'}",
         f"evaluation.random_baseline={'true' if evaluate else 'false'}",

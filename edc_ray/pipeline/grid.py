@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from edc_ray.config import Config, ConfigError, changed_keys, from_dict, load_config, to_dict
+from edc_ray.config import Config, ConfigError, from_dict, load_config, to_dict
+from edc_ray.pipeline.resume import changed_keys, stored_config
 from edc_ray.storage import fsio
 from edc_ray.storage.run_folder import STAGE_MARKERS, RunFolder
 
@@ -42,6 +43,8 @@ class Grid:
     seeds: dict[str, list[int]] = field(default_factory=lambda: {"default": [0]})  # method -> seeds
     set: list[str] = field(default_factory=list)  # overrides for every cell
     per_ipc: dict[int, list[str]] = field(default_factory=dict)  # the IPC-dependent part of the budget
+    # each method's own overrides (its budget, e.g. synthesis.iterations, which random and RDED fix to 0)
+    per_method: dict[str, list[str]] = field(default_factory=dict)
     variants: dict[str, list[str]] = field(default_factory=lambda: {"": []})  # name -> overrides
     published: dict[str, dict[int, float]] = field(default_factory=dict)  # dataset -> ipc -> top-1
     published_source: str = ""
@@ -83,12 +86,14 @@ def cells(grid: Grid, datasets=None, methods=None, ipcs=None, variants=None) -> 
 
 
 def cell_config(grid: Grid, cell: Cell) -> Config:
-    """The cell's resolved config: base config, method, IPC budget, variant, seeds, run folder."""
+    """The cell's resolved config: base config, method and its overrides, IPC budget, variant, seeds, run
+    folder."""
     seeds = grid.seeds.get(cell.method, grid.seeds.get("default", [0]))
     overrides = [f"method={cell.method}", f"synthesis.ipc={cell.ipc}", f"evaluation.seeds={seeds}",
                  f"evaluation.students={grid.students}", "evaluation.random_baseline=false",
                  f"output.run_dir={fsio.join(grid.output, cell.dataset, cell.name)}"]
-    overrides += grid.set + grid.per_ipc.get(cell.ipc, []) + grid.variants[cell.variant]
+    overrides += (grid.set + grid.per_method.get(cell.method, []) + grid.per_ipc.get(cell.ipc, [])
+                  + grid.variants[cell.variant])
     return load_config(grid.datasets[cell.dataset], overrides)
 
 
@@ -142,7 +147,7 @@ def check_not_stale(cfg: Config, cell: Cell) -> None:
     Configs compare as values, so keys added since with their defaults do not count as a change, nor
     do synthesis settings of cells that do not optimise (a changed `synthesis.flip` keeps random's cells).
     """
-    from edc_ray.pipeline.run import absolute_paths, stored_config
+    from edc_ray.pipeline.run import absolute_paths
 
     previous = stored_config(RunFolder(cfg.output.run_dir))
     if previous is None:

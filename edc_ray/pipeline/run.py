@@ -14,14 +14,14 @@ from typing import Callable, Iterator
 
 import ray
 
-from edc_ray.config import (Config, ConfigError, changed_keys, check_local_resources, dump_config, from_dict,
-                            parse_yaml, to_dict)
+from edc_ray.config import Config, ConfigError, check_local_resources, dump_config, to_dict
 from edc_ray.errors import DataError
 from edc_ray.pipeline.cluster import check_shared_paths, wait_for_room
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, observer_payload
 from edc_ray.pipeline.evaluation import EvalSet, evaluate_sets, load_images
 from edc_ray.pipeline.observers import (check_pretrained_weights, observer_names, observers_stage,
                                        pretrained_preprocessing)
+from edc_ray.pipeline.resume import check_run_folder
 from edc_ray.pipeline.report import PREVIEW_CLASSES, config_hash, write_report
 from edc_ray.pipeline.statistics import statistics_stage
 from edc_ray.pipeline.synthesis import (SynthesisResult, baseline_folder, random_baseline_config,
@@ -118,45 +118,6 @@ class Session:
     run: RunFolder
     stage: StageTimer
     observers: ObserverSet
-
-
-# Each stage, the run-folder stages whose markers show its outputs, and the keys those depend on
-# (besides those of the stages before it). `evaluation.students` and `random_baseline` only pick which sets and students are
-# evaluated, each cached under its own name, so they may change between runs.
-STAGE_INPUTS = (("observers", ("observers",), ("seed", "data.", "observers.")),
-                ("statistics", ("candidates", "statistics"), ("statistics.", "init.candidates_per_class")),
-                ("synthesis", ("synthesis",), ("method", "init.", "synthesis.")),
-                ("evaluation", ("evaluation",), ("evaluation.",)))
-FREE_KEYS = ("evaluation.students", "evaluation.random_baseline")
-
-
-def stored_config(run: RunFolder) -> Config | None:
-    """The resolved config a run folder was last run with (None: no run yet)."""
-    if not run.exists("config.yaml"):
-        return None
-    return from_dict(Config, parse_yaml(fsio.read_bytes(run.path("config.yaml")), run.path("config.yaml")) or {})
-
-
-def check_run_folder(run: RunFolder, cfg: Config) -> None:
-    """Refuse to resume a run folder whose finished stages were computed under another config.
-
-    A re-run skips every stage whose outputs exist, so a changed key those outputs depend on would be
-    silently ignored; resource settings (`ray`, `device`) and which students run may change freely.
-    """
-    previous = stored_config(run)
-    if previous is None:
-        return
-    changed = [k for k in changed_keys(previous, cfg) if k not in FREE_KEYS]
-    inputs: tuple[str, ...] = ()
-    for name, marked_by, keys in STAGE_INPUTS:
-        inputs += keys
-        if not any(run.markers(stage) for stage in marked_by):
-            continue
-        stale = [k for k in changed if k.startswith(inputs)]
-        if stale:
-            raise ConfigError(f"run folder {run.root}: its finished {name} stage was computed under another "
-                              f"config (changed: {', '.join(stale)}); choose a new output.run_dir, or remove "
-                              "the folder to start over")
 
 
 @contextlib.contextmanager
