@@ -98,9 +98,9 @@ def measure(root: str, run_dir: str, candidates: int) -> dict:
         start = time.perf_counter()
         result = statistics_stage(cfg, run, info, meta, observers)
         stats_s = time.perf_counter() - start
-        actor = SynthesisWorker.options(num_cpus=1).remote("scale", cfg, meta, run, observers, "distilled")
+        actor = SynthesisWorker.options(num_cpus=1).remote("scale", cfg, meta, run, observers.names, "distilled")
         start = time.perf_counter()
-        unit = ray.get(actor.run_unit.remote(0, list(range(10))))
+        unit = ray.get(actor.run_unit.remote(0, list(range(10)), observers))
         unit_s = time.perf_counter() - start
         ray.kill(actor)
     return {"driver_peak_mib": driver.peak_mib, "task_peak_mib": max(result.task_peak_mib),

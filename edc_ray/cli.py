@@ -54,6 +54,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set synthesis.iterations=200 (repeatable)")
     parser.add_argument("--break-lease", action="store_true",
                         help="take over the run folder from a driver that is gone (see its lease message)")
+    add_verbose_argument(parser)
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    """`--verbose`: Ray's own log lines (workers' output, Ray Train's) in the terminal too."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own log lines (by default they stay in Ray's log files)")
 
 
 def config_from_arguments(args: argparse.Namespace) -> Config | None:

@@ -1,5 +1,6 @@
 """The `edc-ray` command: its subcommands, their --help (with the config keys), errors, and the demo."""
 import os
+import re
 import subprocess
 import sys
 
@@ -7,7 +8,11 @@ import pytest
 
 from edc_ray.commands import COMMANDS, main
 
-BIN = os.path.dirname(sys.executable)  # the venv's bin folder, where pip installed the edc-ray script
+BIN = os.path.dirname(sys.executable)
+# Lines Ray forwards from its workers ("(RayTrainWorker pid=...)"), its C++ core ("core_worker.cc:"), its
+# Python loggers ("INFO worker.py:...") and Ray Train's own messages.
+RAY_INTERNAL = re.compile(r"^\s*(\x1b\[\d+m)?\(\w+ pid=|\.cc:\d+|\b(INFO|DEBUG) \w+\.py:\d+|"
+                          r"Checkpoint successfully created|Moving model to device")  # the venv's bin folder, where pip installed the edc-ray script
 
 
 def edc_ray(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -47,6 +52,21 @@ def test_the_demo_runs_through_the_command_and_reports(tmp_path):
     done = edc_ray("condense", *[arg for s in small for arg in ("--set", s)], timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"run folder: {run}" in done.stdout and "final top-1" in done.stdout
+    console = done.stdout + done.stderr
+    for stage in ("prepare", "observers", "statistics", "synthesis", "evaluation", "report"):
+        assert f"[edc-ray] stage {stage} ..." in console and f"[edc-ray] stage {stage} done in" in console
+    for bar in ("observer 0-convnet_d2: 100%", "statistics tasks: 100%", "synthesis units: 100%",
+                "eval distilled-convnet_d2 seed 0: 100%", "eval random-convnet_d2 seed 0: 100%"):
+        assert bar in console, bar
+    assert "top-1" in console.split("eval distilled-convnet_d2 seed 0: 100%")[-1].splitlines()[0]
+    ray_lines = [line for line in console.splitlines() if RAY_INTERNAL.search(line)]
+    assert not ray_lines, ray_lines[:5]
+    # --verbose brings Ray's own lines back (one more student: only its Ray Train runs start)
+    verbose = edc_ray("condense", "--verbose", *[arg for s in small + ["evaluation.students=[convnet_d1]",
+                                                                       "evaluation.random_baseline=false"]
+                                                 for arg in ("--set", s)], timeout=900)
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert any(RAY_INTERNAL.search(line) for line in (verbose.stdout + verbose.stderr).splitlines())
     (run / "report.md").unlink()
     shown = edc_ray("report", str(run), "--write")
     assert shown.returncode == 0 and shown.stdout.startswith("# edc-ray report: digits / edc / IPC 2")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from edc_ray.pipeline.grid import cell_config, cells, check_not_stale, load_grid, run_cell, write_tables
-from edc_ray.cli import command_parser
+from edc_ray.cli import add_verbose_argument, command_parser
 from edc_ray.config import ConfigError
 from edc_ray.pipeline.run import start_ray
 from edc_ray.storage import fsio
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ipc", nargs="*", type=int, help="only these IPC values")
     parser.add_argument("--variants", nargs="*", help="only these variants")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the tables")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     try:
         grid = load_grid(args.grid)
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if todo:
-        start_ray(configs[0])  # one Ray instance for every cell
+        start_ray(configs[0], args.verbose)  # one Ray instance for every cell
     for n, (cell, cfg) in enumerate(zip(todo, configs), 1):
         print(f"[benchmark] cell {n}/{len(todo)}: {cell.dataset} {cell.name}", flush=True)
         run_cell(grid, cell, cfg)

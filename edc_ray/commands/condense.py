@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_arguments(args)
     if cfg is None:
         return 2
-    report = run_job(lambda: run_pipeline(cfg, args.break_lease))  # e.g. a run folder finished under another config
+    report = run_job(lambda: run_pipeline(cfg, args.break_lease, args.verbose))  # e.g. a run folder finished under another config
     if report is None:
         return 2
     print(f"\nrun folder: {report['run_dir']}")

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_arguments(args)
     if cfg is None:
         return 2
-    results = run_job(lambda: evaluate_imagefolder(cfg, args.images, args.label, args.break_lease))
+    results = run_job(lambda: evaluate_imagefolder(cfg, args.images, args.label, args.break_lease,
+                                                      args.verbose))
     if results is None:
         return 2
     for row in results:

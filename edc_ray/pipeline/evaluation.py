@@ -18,6 +18,7 @@ from edc_ray.config import Config, EvaluationConfig, from_dict, settings_key, to
 from edc_ray.errors import DataError
 from edc_ray.pipeline import metrics
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, build_model, model_from_payload, set_threads
+from edc_ray.pipeline.console import report_progress
 from edc_ray.pipeline.distributed import (TRAIN_MAX_FAILURES, fit_torch_trainer, latest_state, rank_and_world,
                                           rank_share, report_checkpoint)
 from edc_ray.pipeline.observers import validation_accuracy
@@ -100,24 +101,28 @@ def train_student_loop(config: dict) -> None:
     if state:
         _restore(trainer, state, [order, augment])
         start, best = state["epoch"], state["best"]
+    latest = ""  # the last validation's top-1, shown beside the loss
     for epoch in range(start, ecfg.epochs):
         losses = [trainer.step(images[rank_share(idx, rank, world)], labels[rank_share(idx, rank, world)], augment)
                   for idx in epoch_batches(len(images), ecfg.batch_size, order)
                   if len(idx) >= world]  # a last batch smaller than the world would leave a rank empty
         scores = {"seed": seed, "epoch": epoch + 1, "loss": float(torch.stack(losses).mean())}
         last = epoch + 1 == ecfg.epochs
-        if not (last or (ecfg.eval_every and (epoch + 1) % ecfg.eval_every == 0)):
-            if (epoch + 1) % report_every == 0:
-                ray.train.report(scores)
-            continue
-        top1 = validation_accuracy(trainer.ema.module, config["val_shards"], meta, ecfg.val_batch_size, device)
-        best = max(best, top1)
-        scores.update(top1=top1, best_top1=best)
+        validates = last or (ecfg.eval_every and (epoch + 1) % ecfg.eval_every == 0)
+        if validates:
+            top1 = validation_accuracy(trainer.ema.module, config["val_shards"], meta, ecfg.val_batch_size, device)
+            best = max(best, top1)
+            scores.update(top1=top1, best_top1=best)
+            latest = f" top-1 {top1:.2f}%"
+            if rank == 0:
+                metrics.evaluation_accuracy(config["label"], seed, top1)
         if rank == 0:
-            metrics.evaluation_accuracy(config["label"], seed, top1)
-            print(f"[eval {config['label']}] seed {seed} epoch {epoch + 1}/{ecfg.epochs} "
-                  f"loss {scores['loss']:.4f} top-1 {top1:.2f}% (best {best:.2f}%)", flush=True)
-        report_checkpoint(scores, _checkpoint_state(trainer, epoch + 1, best, [order, augment]), rank)
+            report_progress(f"{config['label']}/{seed}", f"eval {config['label']} seed {seed}", epoch + 1,
+                            ecfg.epochs, f"loss {scores['loss']:.4f}{latest}")
+        if validates:
+            report_checkpoint(scores, _checkpoint_state(trainer, epoch + 1, best, [order, augment]), rank)
+        elif (epoch + 1) % report_every == 0:
+            ray.train.report(scores)
 
 
 @dataclass(frozen=True)

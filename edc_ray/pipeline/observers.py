@@ -14,6 +14,7 @@ from edc_ray.models.external import PretrainedWeightsError
 from edc_ray.models.pretrained import Preprocessing, missing_weights, preprocessing
 from edc_ray.models import create_model, load_weights
 from edc_ray.pipeline.common import DatasetMeta, build_model, set_threads
+from edc_ray.pipeline.console import report_progress
 from edc_ray.pipeline.distributed import (TRAIN_MAX_FAILURES, all_reduce_counts, fit_torch_trainer, latest_state,
                                           rank_and_world, report_checkpoint)
 from edc_ray.pipeline.streaming import split_shards, split_stream, steps_every_rank_can_take
@@ -86,13 +87,13 @@ def train_observers_loop(config: dict) -> None:
                       for images, labels in itertools.islice(stream, steps)]
             scores = {"observer": name, "epoch": epoch + 1, "loss": sum(losses) / len(losses)}
             report_checkpoint(scores, _state(name, epoch + 1, model, optimizer, scheduler, augment), rank)
-            if rank == 0:
-                print(f"[observers] {name} epoch {epoch + 1}/{ocfg.epochs} loss {scores['loss']:.4f}", flush=True)
+            if rank == 0 and epoch + 1 < ocfg.epochs:  # the last epoch is shown with the test top-1
+                report_progress(name, f"observer {name}", epoch + 1, ocfg.epochs, f"loss {scores['loss']:.4f}")
         plain = getattr(model, "module", model)
         accuracy = validation_accuracy(plain, config["val_shards"], meta, 500, device)
         if rank == 0:
             save_observer(run, name, arch, plain, accuracy, trained_epochs=ocfg.epochs)
-            print(f"[observers] {name} test top-1 {accuracy:.2f}%", flush=True)
+            report_progress(name, f"observer {name}", ocfg.epochs, ocfg.epochs, f"test top-1 {accuracy:.2f}%")
         ray.train.report({"observer": name, "epoch": ocfg.epochs, "top1": accuracy})
 
 

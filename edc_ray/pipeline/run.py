@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 from typing import Callable, Iterator
@@ -18,6 +19,7 @@ from edc_ray.config import Config, ConfigError, check_local_resources, dump_conf
 from edc_ray.errors import DataError
 from edc_ray.pipeline.cluster import check_shared_paths, wait_for_room
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, observer_payload
+from edc_ray.pipeline.console import RAY_LOGS, progress_display
 from edc_ray.pipeline.evaluation import EvalSet, evaluate_sets, load_images
 from edc_ray.pipeline.observers import (check_pretrained_weights, observer_names, observers_stage,
                                        pretrained_preprocessing)
@@ -63,15 +65,22 @@ def local_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def start_ray(cfg: Config) -> bool:
-    """Start a private local Ray instance or join a cluster; False when Ray was already running."""
+def start_ray(cfg: Config, verbose: bool = False) -> bool:
+    """Start a private local Ray instance or join a cluster; False when Ray was already running.
+
+    Workers' output stays in Ray's log files unless `verbose` (see `pipeline/console.py`).
+    """
     if ray.is_initialized():
         return False
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if cfg.ray.address == "local":
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard)
+        context = ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard,
+                           **quiet)
     else:
-        ray.init(address=cfg.ray.address)
+        context = ray.init(address=cfg.ray.address, **quiet)
     private_token_file()
+    if context.dashboard_url:
+        print(f"[edc-ray] Ray dashboard: http://{context.dashboard_url} (Ray's logs: {RAY_LOGS})", flush=True)
     return True
 
 
@@ -121,16 +130,18 @@ class Session:
 
 
 @contextlib.contextmanager
-def session(cfg: Config, break_lease: bool = False) -> Iterator[Session]:
+def session(cfg: Config, break_lease: bool = False, verbose: bool = False) -> Iterator[Session]:
     """Start Ray (or join the cluster) and check the paths every node will use, prepare the data, lease
     the run folder, write the resolved config and load (or train) the observers; the lease is released at
-    the end (`break_lease`: take over another driver's lease)."""
+    the end (`break_lease`: take over another driver's lease; `verbose`: show Ray's own log lines)."""
     absolute_paths(cfg)
     if cfg.ray.address == "local" and not ray.is_initialized():  # requests it can never place would hang
         check_local_resources(cfg, cfg.ray.num_cpus or os.cpu_count() or 1, local_gpus())
-    started = start_ray(cfg)
+    started = start_ray(cfg, verbose)
     lease = None
+    display = contextlib.ExitStack()
     try:
+        display.enter_context(progress_display())
         check_shared_paths(cfg)  # before any work: the other nodes could not see node-local paths
         check_pretrained_weights(cfg)  # and before it: a missing weights file is named now
         stage = StageTimer()
@@ -150,6 +161,7 @@ def session(cfg: Config, break_lease: bool = False) -> Iterator[Session]:
         archs = tuple(arch for arch, _ in observers)
         yield Session(cfg, info, meta, run, stage, ObserverSet(tuple(observer_names(cfg)), archs, refs))
     finally:
+        display.close()
         if started:
             ray.shutdown()
         if lease is not None:
@@ -193,9 +205,10 @@ def export_stage(s: Session, distilled: SynthesisResult) -> str:
     return s.run.path("export")
 
 
-def run_pipeline(cfg: Config, break_lease: bool = False) -> dict:
-    """Run (or resume) the whole condensation for `cfg`; returns the report."""
-    with session(cfg, break_lease) as s:
+def run_pipeline(cfg: Config, break_lease: bool = False, verbose: bool = False) -> dict:
+    """Run (or resume) the whole condensation for `cfg`; returns the report (`verbose`: Ray's own log
+    lines in the terminal too)."""
+    with session(cfg, break_lease, verbose) as s:
         run, meta, stage = s.run, s.meta, s.stage
         with stage("statistics"):
             statistics_stage(cfg, run, s.info, meta, s.observers)
@@ -234,9 +247,10 @@ def run_pipeline(cfg: Config, break_lease: bool = False) -> dict:
         return report
 
 
-def evaluate_imagefolder(cfg: Config, src: str, label: str = "imported", break_lease: bool = False) -> list[dict]:
+def evaluate_imagefolder(cfg: Config, src: str, label: str = "imported", break_lease: bool = False,
+                         verbose: bool = False) -> list[dict]:
     """Evaluate an ImageFolder distilled set (made by any tool) with our protocol and observers."""
-    with session(cfg, break_lease) as s:
+    with session(cfg, break_lease, verbose) as s:
         url = s.run.path("imported", f"{label}.tar")
         with s.stage("import"):
             count = imagefolder_shard(src, url, s.meta.channels, s.meta.image_size, s.info.classes)

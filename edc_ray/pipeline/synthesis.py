@@ -154,23 +154,29 @@ class UnitWorker:
 
 @ray.remote
 class SynthesisWorker:
-    """A named actor around a `UnitWorker`."""
+    """A named actor around a `UnitWorker`.
 
-    def __init__(self, name: str, cfg: Config, meta: DatasetMeta, run: RunFolder, observers: ObserverSet,
+    The observers' refs come with each unit, not with the constructor: a restarted actor is built again
+    from its constructor's arguments, and Ray warns (rightly) about refs among those.
+    """
+
+    def __init__(self, name: str, cfg: Config, meta: DatasetMeta, run: RunFolder, names: tuple[str, ...],
                  folder: str):
         set_threads(cfg.ray.actor_cpus)
         device = resolve_device(cfg.device, ray.get_gpu_ids())
         self.folder = folder
-        self.worker = UnitWorker(name, cfg, meta, run, observers.names,
-                                 lambda indices: load_models(observers.subset(indices), meta, device), device)
+        self.observers: ObserverSet | None = None
+        self.worker = UnitWorker(name, cfg, meta, run, names,
+                                 lambda indices: load_models(self.observers.subset(indices), meta, device), device)
 
     def ready(self) -> dict:
         """Who and where this actor is (answered once it is placed and constructed)."""
         return {"name": self.worker.name, "pid": os.getpid(), "device": str(self.worker.device),
                 "node": ray.get_runtime_context().get_node_id()}
 
-    def run_unit(self, unit: int, classes: list[int]) -> dict:
-        """Synthesise one unit and commit its shard."""
+    def run_unit(self, unit: int, classes: list[int], observers: ObserverSet) -> dict:
+        """Synthesise one unit against `observers` (loaded at the first unit) and commit its shard."""
+        self.observers = observers
         return self.worker.run_unit(unit, classes, self.folder)
 
 
@@ -196,10 +202,11 @@ def synthesis_stage(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: O
         wait_for_room("synthesis actors", bundle, 1, cfg.ray.placement_timeout_s)
         actors = [SynthesisWorker.options(name=f"{prefix}-{i}", num_cpus=cfg.ray.actor_cpus,
                                           num_gpus=cfg.ray.actor_gpus, max_restarts=MAX_ACTOR_RESTARTS)
-                  .remote(f"{prefix}-{i}", cfg, meta, run, observers, folder)
+                  .remote(f"{prefix}-{i}", cfg, meta, run, observers.names, folder)
                   for i in range(min(cfg.ray.synthesis_actors, len(todo)))]
         try:
-            results, requeued, workers = _dispatch(actors, units, todo, cfg.ray.placement_timeout_s, bundle)
+            results, requeued, workers = _dispatch(actors, units, observers, todo, cfg.ray.placement_timeout_s,
+                                                   bundle)
         finally:  # named actors would outlive a failed stage and block a re-run's names
             for actor in actors:
                 ray.kill(actor)
@@ -262,9 +269,10 @@ class _Pool:
         return time.monotonic() - max(self.down_since.values(), default=time.monotonic())
 
 
-def _dispatch(actors: list, units: list[list[int]], todo: deque, timeout_s: float, bundle: dict
-              ) -> tuple[list[dict], list[int], list[dict]]:
-    """Hand queued units to free actors until all are done; returns (summaries, units queued again, actors).
+def _dispatch(actors: list, units: list[list[int]], observers: ObserverSet, todo: deque, timeout_s: float,
+              bundle: dict) -> tuple[list[dict], list[int], list[dict]]:
+    """Hand queued units (with the `observers` to load) to free actors until all are done; returns
+    (summaries, units queued again, actors).
 
     An actor is free once its `ready` call has answered (it was placed and built): units never wait on
     an actor the cluster cannot place, and the stage goes on with those that did start. A unit whose
@@ -285,14 +293,14 @@ def _dispatch(actors: list, units: list[list[int]], todo: deque, timeout_s: floa
             pool.wake()
             while todo and pool.free:
                 actor, unit = pool.free.popleft(), todo.popleft()
-                in_flight[actor.run_unit.remote(unit, units[unit])] = (actor, unit)
+                in_flight[actor.run_unit.remote(unit, units[unit], observers)] = (actor, unit)
             metrics.units_progress(len(results), len(todo), len(in_flight))
             if not in_flight:
                 _check_progress(pool, todo, timeout_s, bundle)
                 if not told_waiting and pool.stalled_for() > WAITING_NOTICE_S:
                     told_waiting = True
-                    print(f"[synthesis] waiting for an actor ({bundle} each) to be placed or to come back, "
-                          f"up to ray.placement_timeout_s={timeout_s:g} s; {len(todo)} units queued", flush=True)
+                    tqdm.write(f"[synthesis] waiting for an actor ({bundle} each) to be placed or to come back, "
+                               f"up to ray.placement_timeout_s={timeout_s:g} s; {len(todo)} units queued")
             waiting = list(in_flight) + list(pool.probing)
             done, _ = ray.wait(waiting, num_returns=1, timeout=1.0) if waiting else ([], [])
             if not done:
@@ -313,11 +321,13 @@ def _dispatch(actors: list, units: list[list[int]], todo: deque, timeout_s: floa
             try:
                 results.append(ray.get(ref))
                 pool.free.append(actor)
+                if "loss" in results[-1]["last"]:  # (none for methods that do not optimise)
+                    bar.set_postfix_str(f"last loss {results[-1]['last']['loss']:.4f}", refresh=False)
                 bar.update(1)
             except ray.exceptions.RayActorError as err:
                 todo.append(unit)
                 requeued.append(unit)
-                print(f"[synthesis] unit {unit} queued again: its actor failed ({type(err).__name__})", flush=True)
+                tqdm.write(f"[synthesis] unit {unit} queued again: its actor failed ({type(err).__name__})")
                 pool.failed(actor, err)
     metrics.units_progress(len(results), 0, 0)
     return results, requeued, list(workers.values())
