@@ -196,34 +196,104 @@ def evaluate_counts(model: nn.Module, images_uint8: torch.Tensor, labels: torch.
     return count_correct(model, batches, mean, std, device)
 
 
+def rank_share(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of a global batch (every rank gets a slice; DDP averages the gradients)."""
+    return indices[rank::world]
+
+
+def student_generators(seed: int, rank: int = 0) -> tuple[torch.Generator, torch.Generator]:
+    """The one seed rule of a student run: (batch order, augmentation draws).
+
+    The order comes from `seed` and is shared by every rank; the augmentation draws (and torch's global
+    generator, which this seeds too) from `seed * 1000 + 1 + rank`, so each rank augments its share
+    differently. The student's initial weights are the caller's (the pipeline seeds them with `seed`).
+    """
+    torch.manual_seed(seed * 1000 + 1 + rank)
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed * 1000 + 1 + rank)
+
+
+class StudentRun:
+    """One student's training as a resumable loop: the trainer, its generators, the epochs done and the
+    best top-1 so far. `state()` is everything a checkpoint needs and `load_state()` resumes from it;
+    `train()` runs the remaining epochs. The single-process API and the Ray Train worker both run it,
+    the latter on its rank's share of every batch."""
+
+    def __init__(self, trainer: StudentTrainer, seed: int, rank: int = 0, world: int = 1):
+        self.trainer, self.rank, self.world = trainer, rank, world
+        self.order, self.augment = student_generators(seed, rank)
+        self.epoch, self.best = 0, float("-inf")
+
+    def validates(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (1-based) ends with a validation: every `eval_every`, and the last."""
+        cfg = self.trainer.cfg
+        return epoch == cfg.epochs or bool(cfg.eval_every and epoch % cfg.eval_every == 0)
+
+    def train(self, images_uint8: torch.Tensor, labels: torch.Tensor,
+              validate: Callable[[nn.Module], float] | None, on_epoch: Callable[[dict], None]) -> None:
+        """The remaining epochs; after each, `on_epoch(row)` with its mean loss and, on validation epochs
+        (with `validate`), the EMA model's top-1 from `validate(model)` and the best so far."""
+        cfg = self.trainer.cfg
+        for epoch in range(self.epoch + 1, cfg.epochs + 1):
+            losses = [self.trainer.step(images_uint8[rank_share(idx, self.rank, self.world)],
+                                        labels[rank_share(idx, self.rank, self.world)], self.augment)
+                      for idx in epoch_batches(len(images_uint8), cfg.batch_size, self.order)
+                      if len(idx) >= self.world]  # a last batch smaller than the world would leave a rank empty
+            self.epoch = epoch
+            row = {"epoch": epoch, "loss": float(torch.stack(losses).mean())}
+            if validate is not None and self.validates(epoch):
+                top1 = validate(self.trainer.ema.module)
+                self.best = max(self.best, top1)
+                row.update(top1=top1, best_top1=self.best)
+            on_epoch(row)
+
+    def state(self) -> dict:
+        """The full training state (weights, EMA, optimiser, schedule, generators, epoch, best)."""
+        t = self.trainer
+        return {"epoch": self.epoch, "best": self.best, "model": _unwrap(t.model).state_dict(),
+                "ema": t.ema.module.state_dict(), "ema_updates": t.ema.updates,
+                "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+                "generators": [self.order.get_state(), self.augment.get_state()], "rng": torch.get_rng_state()}
+
+    def load_state(self, state: dict) -> None:
+        """Resume from `state()`."""
+        t = self.trainer
+        _unwrap(t.model).load_state_dict(state["model"])
+        t.ema.module.load_state_dict(state["ema"])
+        t.ema.updates = state["ema_updates"]
+        t.optimizer.load_state_dict(state["optimizer"])
+        t.scheduler.load_state_dict(state["scheduler"])
+        for generator, saved in zip((self.order, self.augment), state["generators"]):
+            generator.set_state(saved)
+        torch.set_rng_state(state["rng"])
+        self.epoch, self.best = state["epoch"], state["best"]
+
+
 def train_student(model: nn.Module, teachers: Sequence[nn.Module], images_uint8: torch.Tensor,
                   labels: torch.Tensor, cfg: EvaluationConfig, mean: Sequence[float],
                   std: Sequence[float], val: tuple[torch.Tensor, torch.Tensor] | None = None,
                   seed: int = 0, device: torch.device | str = "cpu",
                   on_epoch: Callable[[int, dict], None] | None = None) -> dict:
-    """Train `model` on a distilled set (single process) and return final/best top-1 of the EMA model.
+    """Train `model` on a distilled set in one process and return final/best top-1 of the EMA model.
 
-    Validates every `cfg.eval_every` epochs (0: only at the end) and always after the last epoch.
+    The loop is `StudentRun`'s, as in a Ray Train worker: the same seed on the same set gives the
+    pipeline's numbers. Validates every `cfg.eval_every` epochs (0: only at the end) and after the last.
     """
-    generator = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(images_uint8) / cfg.batch_size)
     trainer = StudentTrainer(model, teachers, cfg, mean, std, steps, device)
     images_uint8 = to_device(images_uint8, trainer.device)
     history: list[dict] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for epoch in range(cfg.epochs):
-            losses = [trainer.step(images_uint8[idx], labels[idx], generator)
-                      for idx in epoch_batches(len(images_uint8), cfg.batch_size, generator)]
-            row = {"epoch": epoch + 1, "loss": float(torch.stack(losses).mean())}
-            last = epoch + 1 == cfg.epochs
-            if val is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                correct, total = evaluate_counts(trainer.ema.module, *val, mean, std,
-                                                 cfg.val_batch_size, device)
-                row["top1"] = 100.0 * correct / total
-            history.append(row)
-            if on_epoch is not None:
-                on_epoch(epoch, row)
+
+    def validate(ema: nn.Module) -> float:
+        correct, total = evaluate_counts(ema, *val, mean, std, cfg.val_batch_size, device)
+        return 100.0 * correct / total
+
+    def record(row: dict) -> None:
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row["epoch"] - 1, row)
+
+    with torch.random.fork_rng(devices=[]):  # the caller's global generator is left as it was
+        StudentRun(trainer, seed).train(images_uint8, labels, validate if val is not None else None, record)
     accs = [r["top1"] for r in history if "top1" in r]
     return {"final_top1": accs[-1] if accs else None, "best_top1": max(accs) if accs else None,
             "history": history, "ema_model": trainer.ema.module}

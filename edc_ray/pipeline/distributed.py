@@ -1,5 +1,4 @@
-"""Helpers for code running inside Ray Train workers: rank, batch shares, count reduction, checkpoints,
-launch."""
+"""Helpers for code running inside Ray Train workers: rank, count reduction, checkpoints, launch."""
 from __future__ import annotations
 
 import logging
@@ -22,11 +21,6 @@ def rank_and_world() -> tuple[int, int]:
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs every report at INFO
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size()
-
-
-def rank_share(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's share of a global batch (every rank gets a slice; DDP averages the gradients)."""
-    return indices[rank::world]
 
 
 def all_reduce_counts(correct: int, total: int) -> tuple[int, int]:

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from edc_ray.algo.student import StudentTrainer, epoch_batches, to_device
+from edc_ray.algo.student import StudentRun, StudentTrainer, to_device
 from edc_ray.config import Config, EvaluationConfig, from_dict, settings_key, to_dict
 from edc_ray.errors import DataError
 from edc_ray.pipeline import metrics
 from edc_ray.pipeline.common import DatasetMeta, ObserverSet, build_model, model_from_payload, set_threads
 from edc_ray.pipeline.console import report_progress
 from edc_ray.pipeline.distributed import (TRAIN_MAX_FAILURES, fit_torch_trainer, latest_state, rank_and_world,
-                                          rank_share, report_checkpoint)
+                                          report_checkpoint)
 from edc_ray.pipeline.observers import validation_accuracy
 from edc_ray.pipeline.streaming import split_shards
 from edc_ray.storage.run_folder import RunFolder
@@ -38,25 +38,6 @@ def load_images(urls: list[str], spec: SampleSpec | None = None, expected: int |
     return torch.stack([s[1] for s in samples]), torch.tensor([s[2] for s in samples])
 
 
-def _checkpoint_state(trainer: StudentTrainer, epoch: int, best: float, generators: list) -> dict:
-    model = getattr(trainer.model, "module", trainer.model)
-    return {"epoch": epoch, "best": best, "model": model.state_dict(), "ema": trainer.ema.module.state_dict(),
-            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-            "ema_updates": trainer.ema.updates, "generators": [g.get_state() for g in generators],
-            "rng": torch.get_rng_state()}
-
-
-def _restore(trainer: StudentTrainer, state: dict, generators: list) -> None:
-    getattr(trainer.model, "module", trainer.model).load_state_dict(state["model"])
-    trainer.ema.module.load_state_dict(state["ema"])
-    trainer.ema.updates = state["ema_updates"]
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    for g, s in zip(generators, state["generators"]):
-        g.set_state(s)
-    torch.set_rng_state(state["rng"])
-
-
 REPORT_EVERY_STEPS = 50  # a Ray Train report is a barrier across workers (~0.06 s here): not every tiny epoch
 
 
@@ -71,8 +52,9 @@ def report_interval(steps_per_epoch: int) -> int:
 def train_student_loop(config: dict) -> None:
     """Ray Train worker function: post-train one student for one seed on a distilled set (METHOD.md 1.6).
 
-    Metrics are reported every `report_interval` epochs, and every validation carries a checkpoint (the
-    full training state), so a restarted run resumes at its last validated epoch.
+    The loop is the core's `StudentRun` on this rank's share of every batch; this adds only the reports
+    (metrics every `report_interval` epochs, a checkpoint with the full training state at every
+    validation, so a restarted run resumes at its last validated epoch) and the driver's progress bar.
     """
     import ray
     import ray.train
@@ -83,7 +65,7 @@ def train_student_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     ecfg = from_dict(EvaluationConfig, config["evaluation"])
     meta = DatasetMeta(**config["meta"])
-    seed = config["seed"]
+    seed, label = config["seed"], config["label"]
     spec = SampleSpec(meta.channels, meta.image_size, meta.num_classes)
     images, labels = load_images(config["train_urls"], spec, config["images"])
     images = to_device(images, device)  # once: every batch is then cut and augmented on the device
@@ -92,37 +74,31 @@ def train_student_loop(config: dict) -> None:
     report_every = report_interval(steps)
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = ray.train.torch.prepare_model(build_model(config["student"], meta))
-    trainer = StudentTrainer(model, teachers, ecfg, meta.mean, meta.std, steps, device)
-    order = torch.Generator().manual_seed(seed)  # the global batch order, shared by all ranks
-    augment = torch.Generator().manual_seed(seed * 1000 + 1 + rank)
-    torch.manual_seed(seed * 1000 + 1 + rank)
-    start, best = 0, float("-inf")
+    student = StudentRun(StudentTrainer(model, teachers, ecfg, meta.mean, meta.std, steps, device), seed, rank, world)
     state = latest_state(rank)
     if state:
-        _restore(trainer, state, [order, augment])
-        start, best = state["epoch"], state["best"]
+        student.load_state(state)
     latest = ""  # the last validation's top-1, shown beside the loss
-    for epoch in range(start, ecfg.epochs):
-        losses = [trainer.step(images[rank_share(idx, rank, world)], labels[rank_share(idx, rank, world)], augment)
-                  for idx in epoch_batches(len(images), ecfg.batch_size, order)
-                  if len(idx) >= world]  # a last batch smaller than the world would leave a rank empty
-        scores = {"seed": seed, "epoch": epoch + 1, "loss": float(torch.stack(losses).mean())}
-        last = epoch + 1 == ecfg.epochs
-        validates = last or (ecfg.eval_every and (epoch + 1) % ecfg.eval_every == 0)
-        if validates:
-            top1 = validation_accuracy(trainer.ema.module, config["val_shards"], meta, ecfg.val_batch_size, device)
-            best = max(best, top1)
-            scores.update(top1=top1, best_top1=best)
-            latest = f" top-1 {top1:.2f}%"
+
+    def validate(ema: torch.nn.Module) -> float:
+        return validation_accuracy(ema, config["val_shards"], meta, ecfg.val_batch_size, device)
+
+    def report(row: dict) -> None:
+        nonlocal latest
+        scores = {"seed": seed, **row}
+        if "top1" in row:
+            latest = f" top-1 {row['top1']:.2f}%"
             if rank == 0:
-                metrics.evaluation_accuracy(config["label"], seed, top1)
+                metrics.evaluation_accuracy(label, seed, row["top1"])
         if rank == 0:
-            report_progress(f"{config['label']}/{seed}", f"eval {config['label']} seed {seed}", epoch + 1,
-                            ecfg.epochs, f"loss {scores['loss']:.4f}{latest}")
-        if validates:
-            report_checkpoint(scores, _checkpoint_state(trainer, epoch + 1, best, [order, augment]), rank)
-        elif (epoch + 1) % report_every == 0:
+            report_progress(f"{label}/{seed}", f"eval {label} seed {seed}", row["epoch"], ecfg.epochs,
+                            f"loss {row['loss']:.4f}{latest}")
+        if "top1" in row:
+            report_checkpoint(scores, student.state(), rank)
+        elif row["epoch"] % report_every == 0:
             ray.train.report(scores)
+
+    student.train(images, labels, validate, report)
 
 
 @dataclass(frozen=True)
@@ -171,7 +147,7 @@ def fit_seed(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: Observer
                                cfg.ray.train_workers, cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus,
                                max_failures=TRAIN_MAX_FAILURES, placement_timeout_s=cfg.ray.placement_timeout_s)
     summary = {"seed": seed, "final_top1": result.metrics["top1"], "best_top1": result.metrics["best_top1"],
-               "evaluation_key": key}
+               "final_loss": result.metrics["loss"], "evaluation_key": key}
     if not all(math.isfinite(float(summary[k])) for k in ("final_top1", "best_top1")):
         raise RuntimeError(f"evaluation {name} ended with top-1 {summary['final_top1']} (best "
                            f"{summary['best_top1']}): not a number, so nothing was cached; see Ray Train's "

@@ -1,13 +1,12 @@
 """Stage "observers": load weights files, or train the observers with a Ray Train TorchTrainer."""
 from __future__ import annotations
 
-import itertools
 import re
 
 import torch
 
-from edc_ray.algo.observer import classifier_step, make_optimizer
-from edc_ray.algo.student import count_correct, normalize
+from edc_ray.algo.observer import ObserverRun, epoch_seed
+from edc_ray.algo.student import count_correct
 from edc_ray.config import Config, ConfigError, ObserversConfig, from_dict, settings_key, to_dict
 from edc_ray.errors import DataError
 from edc_ray.models.external import PretrainedWeightsError
@@ -44,15 +43,28 @@ def validation_accuracy(model: torch.nn.Module, shards: ShardList, meta: Dataset
     return 100.0 * correct / max(1, total)
 
 
+def observer_steps(shards: ShardList, ocfg: ObserversConfig, world: int) -> int:
+    """Steps per observer epoch: what the rank with the fewest samples can fill with its batch share."""
+    return steps_every_rank_can_take(shards.estimated_lengths(), world, max(1, ocfg.batch_size // world))
+
+
+def observer_batches(shards: ShardList, meta: DatasetMeta, ocfg: ObserversConfig, seed: int, rank: int = 0,
+                     world: int = 1):
+    """One epoch's batches for this rank: its shards (shard i to rank i mod world), shuffled and, for
+    images of any size, cropped with `seed` (shared by the ranks), repeated so every rank fills its steps."""
+    return split_stream(shards, meta.spec("train", seed=seed), rank, world, max(1, ocfg.batch_size // world),
+                        shuffle=STREAM_SHUFFLE, seed=seed, repeat=True)
+
+
 def train_observers_loop(config: dict) -> None:
     """Ray Train worker function: train each listed observer in turn (DDP across workers).
 
-    Every rank streams its share of the train shards (shard i to rank i mod world, shuffled per epoch
-    with a seed shared by the ranks) and takes the same number of steps per epoch, the most the rank
-    with the fewest samples can fill, so DDP never waits. Every epoch reports a checkpoint (model,
-    optimiser, schedule and random state), so a run restarted after a lost node or worker resumes at
-    its last epoch; observers already in the run folder are skipped. Rank 0 writes each observer's
-    weights and test accuracy into the run folder.
+    The loop is the core's `ObserverRun`, fed by `observer_batches`: every rank streams its share of the
+    train shards and takes the same number of steps per epoch, the most the rank with the fewest samples
+    can fill, so DDP never waits. This adds the reports: every epoch a checkpoint (model, optimiser,
+    schedule and random state), so a run restarted after a lost node or worker resumes at its last
+    epoch; observers already in the run folder are skipped. Rank 0 writes each observer's weights and
+    test accuracy into the run folder.
     """
     import ray.train
     import ray.train.torch
@@ -64,53 +76,33 @@ def train_observers_loop(config: dict) -> None:
     meta = DatasetMeta(**config["meta"])
     run = RunFolder(config["run_dir"])
     shards: ShardList = config["train_shards"]
-    local_batch = max(1, ocfg.batch_size // world)
-    steps = steps_every_rank_can_take(shards.estimated_lengths(), world, local_batch)
+    steps = observer_steps(shards, ocfg, world)
     state = latest_state(rank)
     todo = [(k, name, arch) for k, (name, arch) in enumerate(zip(config["names"], config["archs"]))
             if not run.exists("observers", f"{name}.json")]  # decided before any rank writes one
     for k, name, arch in todo:
-        torch.manual_seed(config["seed"] + k)
+        ObserverRun.seed_weights(config["seed"], k)
         model = ray.train.torch.prepare_model(build_model(arch, meta))
-        optimizer, scheduler = make_optimizer(model, ocfg, steps * ocfg.epochs)
-        augment = torch.Generator().manual_seed(config["seed"] + 1000 * (k + 1) + rank)
-        start = 0
+        observer = ObserverRun(model, ocfg, steps, config["seed"], k, rank)
         if state and state["observer"] == name:
-            start = _restore(state, model, optimizer, scheduler, augment)
-        for epoch in range(start, ocfg.epochs):
-            epoch_seed = config["seed"] + 7919 * epoch + k
-            stream = split_stream(shards, meta.spec("train", seed=epoch_seed), rank, world, local_batch,
-                                  shuffle=STREAM_SHUFFLE, seed=epoch_seed, repeat=True)
-            losses = [classifier_step(model, optimizer, scheduler, normalize(images.to(device), meta.mean,
-                                                                                meta.std),
-                                      labels.to(device), ocfg, augment)
-                      for images, labels in itertools.islice(stream, steps)]
-            scores = {"observer": name, "epoch": epoch + 1, "loss": sum(losses) / len(losses)}
-            report_checkpoint(scores, _state(name, epoch + 1, model, optimizer, scheduler, augment), rank)
-            if rank == 0 and epoch + 1 < ocfg.epochs:  # the last epoch is shown with the test top-1
-                report_progress(name, f"observer {name}", epoch + 1, ocfg.epochs, f"loss {scores['loss']:.4f}")
+            observer.load_state(state)
+
+        def batches(epoch: int, k: int = k):
+            return observer_batches(shards, meta, ocfg, epoch_seed(config["seed"], k, epoch), rank, world)
+
+        def report(epochs: int, loss: float, name: str = name, observer: ObserverRun = observer) -> None:
+            report_checkpoint({"observer": name, "epoch": epochs, "loss": loss},
+                              {"observer": name, **observer.state()}, rank)
+            if rank == 0 and epochs < ocfg.epochs:  # the last epoch is shown with the test top-1
+                report_progress(name, f"observer {name}", epochs, ocfg.epochs, f"loss {loss:.4f}")
+
+        observer.train(batches, meta.mean, meta.std, device, report)
         plain = getattr(model, "module", model)
         accuracy = validation_accuracy(plain, config["val_shards"], meta, 500, device)
         if rank == 0:
             save_observer(run, name, arch, plain, accuracy, trained_epochs=ocfg.epochs)
             report_progress(name, f"observer {name}", ocfg.epochs, ocfg.epochs, f"test top-1 {accuracy:.2f}%")
         ray.train.report({"observer": name, "epoch": ocfg.epochs, "top1": accuracy})
-
-
-def _state(name: str, epoch: int, model, optimizer, scheduler, augment: torch.Generator) -> dict:
-    return {"observer": name, "epoch": epoch, "model": getattr(model, "module", model).state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "augment": augment.get_state(), "rng": torch.get_rng_state()}
-
-
-def _restore(state: dict, model, optimizer, scheduler, augment: torch.Generator) -> int:
-    """Load a checkpoint's training state; returns the epochs it had done."""
-    getattr(model, "module", model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    augment.set_state(state["augment"])
-    torch.set_rng_state(state["rng"])
-    return state["epoch"]
 
 
 def save_observer(run: RunFolder, name: str, arch: str, model: torch.nn.Module, accuracy: float | None,
