@@ -62,6 +62,10 @@ def test_grid_in_parts_reuses_observers_and_evaluates_exports(ray_local, tiny_im
         assert 0.0 <= top1 <= 100.0 and cell["cell_seconds"] > 0
     row = next(r for r in (bench / "grid.md").read_text().splitlines() if r.startswith("| tiny | 2 |"))
     assert row.count("(1)") == 3 and "| 50.0 |" in row
+    page = (bench / "grid.html").read_text()  # the same table, and every cell's images
+    cells_shown = [c.strip() for c in row.strip().strip("|").split("|")]
+    assert all(f"<td>{c}</td>" in page for c in cells_shown if "**" not in c)
+    assert page.count('<img alt="tiny / ') == 3 and page.count("data:image/png;base64,") == 3
 
     # the export: an ImageFolder of the 6 distilled PNGs plus the teacher spec, evaluated by evaluate.py
     edc_run = bench / "tiny" / "edc-ipc2"

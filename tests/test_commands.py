@@ -1,12 +1,15 @@
 """The `edc-ray` command: its subcommands, their --help (with the config keys), errors, and the demo."""
+import json
 import os
 import re
 import subprocess
 import sys
+from html.parser import HTMLParser
 
 import pytest
 
 from edc_ray.commands import COMMANDS, main
+from edc_ray.pipeline.report_page import accuracy_rows
 
 BIN = os.path.dirname(sys.executable)
 # Lines Ray forwards from its workers ("(RayTrainWorker pid=...)"), its C++ core ("core_worker.cc:"), its
@@ -61,13 +64,66 @@ def test_the_demo_runs_through_the_command_and_reports(tmp_path):
     assert "top-1" in console.split("eval distilled-convnet_d2 seed 0: 100%")[-1].splitlines()[0]
     ray_lines = [line for line in console.splitlines() if RAY_INTERNAL.search(line)]
     assert not ray_lines, ray_lines[:5]
+    check_html_report(run)
+    (run / "report.md").unlink()
+    (run / "report.html").unlink()
+    shown = edc_ray("report", str(run), "--write")
+    assert shown.returncode == 0 and shown.stdout.startswith("# edc-ray report: digits / edc / IPC 2")
+    assert (run / "report.md").read_text() == shown.stdout
+    check_html_report(run)  # rebuilt from report.json and the shards
     # --verbose brings Ray's own lines back (one more student: only its Ray Train runs start)
     verbose = edc_ray("condense", "--verbose", *[arg for s in small + ["evaluation.students=[convnet_d1]",
                                                                        "evaluation.random_baseline=false"]
                                                  for arg in ("--set", s)], timeout=900)
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert any(RAY_INTERNAL.search(line) for line in (verbose.stdout + verbose.stderr).splitlines())
-    (run / "report.md").unlink()
-    shown = edc_ray("report", str(run), "--write")
-    assert shown.returncode == 0 and shown.stdout.startswith("# edc-ray report: digits / edc / IPC 2")
-    assert (run / "report.md").read_text() == shown.stdout
+
+
+class _Page(HTMLParser):
+    """The tables of a page (id -> rows of cell texts, with an image count per cell) and its images."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self.table, self.cell = {}, [], None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.table = self.tables.setdefault(attrs.get("id"), [])
+        elif tag == "tr" and self.table is not None:
+            self.table.append([])
+        elif tag in ("td", "th") and self.table is not None:
+            self.cell = {"text": "", "images": 0}
+            self.table[-1].append(self.cell)
+        elif tag == "img":
+            self.images.append(attrs)
+            if self.cell is not None:
+                self.cell["images"] += 1
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.table = None
+        elif tag in ("td", "th"):
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell["text"] += data
+
+
+def check_html_report(run):
+    """report.html is self-contained and shows what report.json holds."""
+    report = json.loads((run / "report.json").read_text())
+    page = _Page()
+    page.feed((run / "report.html").read_text())
+    assert page.images and all(img["src"].startswith("data:image/png;base64,") for img in page.images)
+    accuracy = [[c["text"] for c in row] for row in page.tables["accuracy"][1:]]
+    assert accuracy == accuracy_rows(report) and len(accuracy) == 2  # distilled and random, one student
+    assert any(img.get("id") == "curves" for img in page.images)  # the learning curves
+    header, *rows = page.tables["images"]
+    assert [c["text"] for c in header] == ["class", "real initial images", "distilled", "random real subset"]
+    assert [row[0]["text"] for row in rows] == report["shown"]["classes"] == [str(k) for k in range(10)]
+    assert all(cell["images"] == 1 for row in rows for cell in row[1:])  # every class, every set
+    observers = [[c["text"] for c in row] for row in page.tables["observers"][1:]]
+    assert [row[0] for row in observers] == [o["name"] for o in report["observers"]]
+    assert sorted(row[0]["text"] for row in page.tables["stages"][1:]) == sorted(report["stage_seconds"])

@@ -206,15 +206,19 @@ def selected(items: Sequence[T], select: Sequence[int] | None) -> list[T]:
 def synthesize_class_unit(unit: int, classes: Sequence[int], models: Sequence[nn.Module],
                           observers: Sequence[Observer], cands: Candidates, cfg: Config,
                           mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu",
-                          progress: Callable[[int, dict], None] | None = None
+                          progress: Callable[[int, dict], None] | None = None,
+                          on_init: Callable[[torch.Tensor], None] | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """Initialise and optimise one unit; returns (uint8 images, labels, loss history).
 
-    `models` score mosaic crops; `observers` (unused when `synthesis.iterations` is 0) are optimised against.
+    `models` score mosaic crops; `observers` (unused when `synthesis.iterations` is 0) are optimised against;
+    `on_init` receives the initial images (uint8, before any optimisation).
     """
     seed = unit_seed(cfg.seed, unit)
     generator = torch.Generator().manual_seed(seed)
     x0, labels = initial_images(cands, classes, cfg.synthesis.ipc, cfg, models, mean, std, generator, device)
+    if on_init is not None:
+        on_init(denormalize_to_uint8(x0, mean, std).cpu())
     if cfg.synthesis.iterations == 0:
         return denormalize_to_uint8(x0, mean, std).cpu(), labels, []
     result = synthesize_unit(x0, labels, observers, cfg.synthesis, clamp_bounds(mean, std, device),

@@ -222,6 +222,7 @@ class StudentRun:
         self.trainer, self.rank, self.world = trainer, rank, world
         self.order, self.augment = student_generators(seed, rank)
         self.epoch, self.best = 0, float("-inf")
+        self.curve: list[list[float]] = []  # [epoch, top-1] of every validation so far
 
     def validates(self, epoch: int) -> bool:
         """Whether epoch `epoch` (1-based) ends with a validation: every `eval_every`, and the last."""
@@ -243,13 +244,14 @@ class StudentRun:
             if validate is not None and self.validates(epoch):
                 top1 = validate(self.trainer.ema.module)
                 self.best = max(self.best, top1)
+                self.curve.append([epoch, top1])
                 row.update(top1=top1, best_top1=self.best)
             on_epoch(row)
 
     def state(self) -> dict:
-        """The full training state (weights, EMA, optimiser, schedule, generators, epoch, best)."""
+        """The full training state (weights, EMA, optimiser, schedule, generators, epoch, best, curve)."""
         t = self.trainer
-        return {"epoch": self.epoch, "best": self.best, "model": _unwrap(t.model).state_dict(),
+        return {"epoch": self.epoch, "best": self.best, "curve": self.curve, "model": _unwrap(t.model).state_dict(),
                 "ema": t.ema.module.state_dict(), "ema_updates": t.ema.updates,
                 "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
                 "generators": [self.order.get_state(), self.augment.get_state()], "rng": torch.get_rng_state()}
@@ -266,6 +268,7 @@ class StudentRun:
             generator.set_state(saved)
         torch.set_rng_state(state["rng"])
         self.epoch, self.best = state["epoch"], state["best"]
+        self.curve = state.get("curve", [])  # (checkpoints from before the curve was kept have none)
 
 
 def train_student(model: nn.Module, teachers: Sequence[nn.Module], images_uint8: torch.Tensor,

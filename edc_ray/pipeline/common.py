@@ -17,6 +17,8 @@ from edc_ray.storage.dataset_info import DatasetInfo
 from edc_ray.storage.images import ImageFit
 from edc_ray.storage.shards import SampleSpec
 
+PREVIEW_CLASSES = 20  # the classes the report shows (rows of preview.png and report.html)
+
 
 @dataclass(frozen=True)
 class DatasetMeta:

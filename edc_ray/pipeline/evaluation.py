@@ -94,7 +94,7 @@ def train_student_loop(config: dict) -> None:
             report_progress(f"{label}/{seed}", f"eval {label} seed {seed}", row["epoch"], ecfg.epochs,
                             f"loss {row['loss']:.4f}{latest}")
         if "top1" in row:
-            report_checkpoint(scores, student.state(), rank)
+            report_checkpoint({**scores, "curve": student.curve}, student.state(), rank)
         elif row["epoch"] % report_every == 0:
             ray.train.report(scores)
 
@@ -147,7 +147,7 @@ def fit_seed(cfg: Config, run: RunFolder, meta: DatasetMeta, observers: Observer
                                cfg.ray.train_workers, cfg.ray.train_use_gpu, cfg.ray.train_worker_cpus,
                                max_failures=TRAIN_MAX_FAILURES, placement_timeout_s=cfg.ray.placement_timeout_s)
     summary = {"seed": seed, "final_top1": result.metrics["top1"], "best_top1": result.metrics["best_top1"],
-               "final_loss": result.metrics["loss"], "evaluation_key": key}
+               "final_loss": result.metrics["loss"], "curve": result.metrics["curve"], "evaluation_key": key}
     if not all(math.isfinite(float(summary[k])) for k in ("final_top1", "best_top1")):
         raise RuntimeError(f"evaluation {name} ended with top-1 {summary['final_top1']} (best "
                            f"{summary['best_top1']}): not a number, so nothing was cached; see Ray Train's "

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from edc_ray.config import Config, ConfigError, from_dict, load_config, to_dict
+from edc_ray.pipeline.report_page import grid_page
 from edc_ray.pipeline.resume import changed_keys, stored_config
 from edc_ray.storage import fsio
 from edc_ray.storage.run_folder import STAGE_MARKERS, RunFolder
@@ -254,10 +255,13 @@ def markdown_tables(grid: Grid, rows: list[dict]) -> str:
 
 
 def write_tables(grid: Grid) -> tuple[str, str]:
-    """Write `<output>/<name>.md` and `<name>.json` from every finished cell; returns their URLs."""
+    """Write `<output>/<name>.md`, `.html` (with every cell's images) and `.json` from every finished cell;
+    returns the URLs of the markdown and the JSON."""
     rows = finished_rows(grid)
-    md, js = (fsio.join(grid.output, f"{grid.name}.{ext}") for ext in ("md", "json"))
-    fsio.atomic_write_bytes(md, markdown_tables(grid, rows).encode())
+    md, page, js = (fsio.join(grid.output, f"{grid.name}.{ext}") for ext in ("md", "html", "json"))
+    tables = markdown_tables(grid, rows)
+    fsio.atomic_write_bytes(md, tables.encode())
+    fsio.atomic_write_bytes(page, grid_page(f"edc-ray benchmark grid: {grid.name}", tables, rows).encode())
     fsio.atomic_write_json(js, {"grid": to_dict(grid), "cells": rows})
     return md, js
 

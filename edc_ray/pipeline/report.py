@@ -1,45 +1,14 @@
-"""Stage "report": report.json, report.md and preview.png in the run folder."""
+"""Stage "report": report.json, report.md, report.html and preview.png in the run folder."""
 from __future__ import annotations
 
 import hashlib
-import io
 
-import numpy as np
 import torch
-from PIL import Image
 
 from edc_ray.config import Config, dump_config
+from edc_ray.pipeline.report_page import png_bytes, preview_grid, write_html_report
 from edc_ray.storage import fsio
 from edc_ray.storage.run_folder import RunFolder
-
-
-PREVIEW_CLASSES = 20  # rows of preview.png
-
-
-def preview_grid(images: torch.Tensor, labels: torch.Tensor, max_per_class: int = 10,
-                 max_classes: int = PREVIEW_CLASSES, pad: int = 1) -> np.ndarray:
-    """One row per class (up to `max_classes`), its first `max_per_class` images: uint8 HxWx3."""
-    classes = torch.unique(labels).tolist()[:max_classes]
-    max_per_class = min(max_per_class, int(torch.bincount(labels).max()))
-    _, c, h, w = images.shape
-    grid = np.full((len(classes) * (h + pad) + pad, max_per_class * (w + pad) + pad, 3), 255, np.uint8)
-    for row, cls in enumerate(classes):
-        for col, image in enumerate(images[labels == cls][:max_per_class]):
-            tile = image.permute(1, 2, 0).numpy()
-            tile = np.repeat(tile, 3, axis=2) if c == 1 else tile
-            y, x = pad + row * (h + pad), pad + col * (w + pad)
-            grid[y:y + h, x:x + w] = tile
-    return grid
-
-
-def png_bytes(grid: np.ndarray, long_side: int = 512) -> bytes:
-    """PNG of the grid, upscaled (nearest) towards `long_side` so that small images stay visible."""
-    image = Image.fromarray(grid)
-    scale = max(1, long_side // max(image.size))
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def config_hash(cfg: Config) -> str:
@@ -72,7 +41,8 @@ def markdown(report: dict) -> str:
 
 
 def write_report(run: RunFolder, report: dict, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """Write the three report files (preview first; report.json last, as the completion marker)."""
+    """Write the report files (preview, report.md, report.html; report.json last, as the completion marker)."""
     fsio.atomic_write_bytes(run.path("preview.png"), png_bytes(preview_grid(images, labels)))
     run.write_text(markdown(report), "report.md")
+    write_html_report(run, report)
     run.write_json(report, "report.json")

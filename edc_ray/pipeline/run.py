@@ -18,13 +18,13 @@ import ray
 from edc_ray.config import Config, ConfigError, check_local_resources, dump_config, to_dict
 from edc_ray.errors import DataError
 from edc_ray.pipeline.cluster import check_shared_paths, wait_for_room
-from edc_ray.pipeline.common import DatasetMeta, ObserverSet, observer_payload
+from edc_ray.pipeline.common import PREVIEW_CLASSES, DatasetMeta, ObserverSet, observer_payload
 from edc_ray.pipeline.console import RAY_LOGS, progress_display
 from edc_ray.pipeline.evaluation import EvalSet, evaluate_sets, load_images
 from edc_ray.pipeline.observers import (check_pretrained_weights, observer_names, observers_stage,
                                        pretrained_preprocessing)
 from edc_ray.pipeline.resume import check_run_folder
-from edc_ray.pipeline.report import PREVIEW_CLASSES, config_hash, write_report
+from edc_ray.pipeline.report import config_hash, write_report
 from edc_ray.pipeline.statistics import statistics_stage
 from edc_ray.pipeline.synthesis import (SynthesisResult, baseline_folder, random_baseline_config,
                                         synthesis_stage)
@@ -232,6 +232,9 @@ def run_pipeline(cfg: Config, break_lease: bool = False, verbose: bool = False) 
                 "dataset": s.info.name, "method": cfg.method, "protocol": cfg.evaluation.protocol,
                 "ipc": cfg.synthesis.ipc, "run_dir": run.root,
                 "config_hash": config_hash(cfg), "num_classes": meta.num_classes,
+                "shown": {"classes": s.info.classes[:PREVIEW_CLASSES], "units": shown,
+                          "folders": {"initial": "initial", "distilled": "distilled",
+                                      **({"random": baseline_folder(cfg)} if len(sets) > 1 else {})}},
                 "observers": [{"name": n, **run.read_json("observers", f"{n}.json")} for n in s.observers.names],
                 "evaluation": evaluation,
                 "export": run.path("export"),

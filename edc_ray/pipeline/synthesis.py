@@ -29,7 +29,8 @@ from edc_ray.config import Config
 from edc_ray.errors import ClusterError
 from edc_ray.pipeline import metrics
 from edc_ray.pipeline.cluster import describe_cluster, wait_for_room
-from edc_ray.pipeline.common import DatasetMeta, ObserverSet, PeakMemory, load_models, resolve_device, set_threads
+from edc_ray.pipeline.common import (PREVIEW_CLASSES, DatasetMeta, ObserverSet, PeakMemory, load_models, resolve_device,
+                                    set_threads)
 from edc_ray.storage.run_folder import RunFolder
 from edc_ray.storage.images import encode_png
 from edc_ray.storage.shards import ShardReadError, count_samples, write_shard
@@ -128,8 +129,10 @@ class UnitWorker:
         return build_observers(self.models, self.totals, sums, classes, self.cfg.statistics, self.device,
                                self.cfg.synthesis.match)
 
-    def synthesize(self, unit: int, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-        """One unit's (uint8 images, labels, loss history), from its classes' files only."""
+    def synthesize(self, unit: int, classes: list[int], on_init: Callable[[torch.Tensor], None] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """One unit's (uint8 images, labels, loss history), from its classes' files only; `on_init` gets
+        the initial images."""
         self._setup()
         cands = Candidates.concat([self.run.class_candidates(c, self.meta.spec().decode) for c in classes])
 
@@ -137,13 +140,23 @@ class UnitWorker:
             metrics.synthesis_loss(self.name, terms["loss"])
 
         return synthesize_class_unit(unit, classes, self.scorers, self._unit_observers(classes), cands, self.cfg,
-                                     self.meta.mean, self.meta.std, self.device, progress)
+                                     self.meta.mean, self.meta.std, self.device, progress, on_init)
+
+    def keeps_initial(self, classes: list[int]) -> bool:
+        """Whether the unit's real initial images are kept (in `initial/`) for the report: units of the
+        classes it shows, when synthesis starts from real images and changes them."""
+        return (self.cfg.synthesis.iterations > 0 and self.cfg.init.mode in ("real", "mosaic")
+                and min(classes) < PREVIEW_CLASSES)
 
     def run_unit(self, unit: int, classes: list[int], folder: str) -> dict:
-        """Synthesise one unit and commit its shard into `folder`; returns a summary."""
+        """Synthesise one unit and commit its shard into `folder` (its initial images first, for the
+        report's units); returns a summary."""
         start = time.perf_counter()
         with PeakMemory() as memory:
-            images, labels, history = self.synthesize(unit, classes)
+            initial: list[torch.Tensor] = []
+            images, labels, history = self.synthesize(unit, classes, initial.append)
+            if folder == "distilled" and self.keeps_initial(classes):
+                write_shard(self.run.unit_shard(unit, "initial"), unit_samples(unit, initial[0], labels))
             count = write_shard(self.run.unit_shard(unit, folder), unit_samples(unit, images, labels))
         seconds = time.perf_counter() - start
         last = history[-1] if history else {}

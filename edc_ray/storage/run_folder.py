@@ -11,6 +11,7 @@
     <run>/candidates/class-NNNNN.tar          one class's scored real candidates (original bytes)
     <run>/candidates/_complete.json           marks the candidates complete (counts per class)
     <run>/distilled/unit-NNNNN.tar + _info.json
+    <run>/initial/unit-NNNNN.tar              the real initial images of the units the report shows
     <run>/baseline/random-ipcK/unit-NNNNN.tar + _info.json   the random real subset at the same IPC
     <run>/eval/<name>-<evaluation key>/...    Ray Train storage (checkpoints, metrics)
     <run>/eval/<name>.json                    one evaluation's summary (per seed, then per set and student)
