@@ -188,7 +188,7 @@ def _fake_trainer(calls: list, top1: float, monkeypatch):
     """A stand-in for Ray Train that records the runs asked for (no dataset is read)."""
     def fit(loop, config, name, storage, *args, **kwargs):
         calls.append(name)
-        return types.SimpleNamespace(metrics={"top1": top1, "best_top1": top1})
+        return types.SimpleNamespace(metrics={"top1": top1, "best_top1": top1, "loss": 0.5, "curve": [[1, top1]]})
     monkeypatch.setattr(evaluation, "split_shards", lambda data, split: ShardList(("val.tar",), (1,), 1))
     return fit
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -40,6 +41,8 @@ def ray_head(tmp_path_factory):
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # it answered (401: the token is required), so it is up
             break
         except OSError:
             time.sleep(1)
