@@ -78,19 +78,16 @@ def train_student_loop(config: dict) -> None:
     state = latest_state(rank)
     if state:
         student.load_state(state)
-    latest = ""  # the last validation's top-1, shown beside the loss
 
     def validate(ema: torch.nn.Module) -> float:
         return validation_accuracy(ema, config["val_shards"], meta, ecfg.val_batch_size, device)
 
     def report(row: dict) -> None:
-        nonlocal latest
         scores = {"seed": seed, **row}
-        if "top1" in row:
-            latest = f" top-1 {row['top1']:.2f}%"
-            if rank == 0:
-                metrics.evaluation_accuracy(label, seed, row["top1"])
         if rank == 0:
+            if "top1" in row:
+                metrics.evaluation_accuracy(label, seed, row["top1"])
+            latest = f" top-1 {student.curve[-1][1]:.2f}%" if student.curve else ""  # the last validation's
             report_progress(f"{label}/{seed}", f"eval {label} seed {seed}", row["epoch"], ecfg.epochs,
                             f"loss {row['loss']:.4f}{latest}")
         if "top1" in row:
