@@ -49,6 +49,15 @@ def test_every_shipped_grid_gives_valid_cell_configs(path, monkeypatch):
     assert all(cell_config(grid, cell).synthesis.ipc == cell.ipc for cell in cells(grid))
 
 
+def test_a_grid_refuses_per_method_overrides_for_a_method_it_does_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    grid = yaml.safe_load(open("configs/benchmark/digits.yaml"))
+    grid["per_method"]["edcc"] = ["synthesis.iterations=5"]
+    path = write(tmp_path, grid)
+    with pytest.raises(ConfigError, match=r"per_method: 'edcc' is not one of the grid's methods \(edc, random"):
+        load_grid(path)
+
+
 def test_a_cell_folder_of_another_config_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     grid = load_grid("configs/benchmark/small.yaml")

@@ -72,6 +72,9 @@ def load_grid(path: str) -> Grid:
     data = yaml.safe_load(fsio.read_bytes(path)) or {}
     grid = from_dict(Grid, data)
     grid.name = grid.name or fsio.basename(path).rsplit(".", 1)[0]
+    for method in grid.per_method:
+        if method not in grid.methods:
+            raise ConfigError(f"per_method: {method!r} is not one of the grid's methods ({', '.join(grid.methods)})")
     for name, base in grid.datasets.items():
         if not fsio.exists(base):
             raise ConfigError(f"datasets.{name}: base config {base!r} does not exist")
